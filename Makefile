@@ -1,0 +1,33 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the test suite.
+# Each bootstraps a local virtualenv first. Override the torch build with TORCH_SPEC=...
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.sdar-installed
+REQS := $(wildcard requirements/*.txt)
+ARGS ?=
+
+.PHONY: install demo test bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): setup.py $(REQS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]" $(foreach f,$(REQS),-r $(f))
+	touch $@
+
+demo: install
+	$(BIN)/sdar demo $(ARGS)
+
+test: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests benchmarks --benchmark-disable -q -p no:cacheprovider $(ARGS)
+
+bench: install
+	$(BIN)/sdar bench $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

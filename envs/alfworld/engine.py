@@ -1,0 +1,207 @@
+"""The real ALFWorld text engine: TextWorld ``PddlEnv`` + ALFWorld's wrappers, made safe to reuse.
+
+What this module adds around the upstream engine (and why):
+
+* ``engine_guard``: every engine call runs with ``sys.argv`` saved/restored (Fast Downward's
+  translator overwrites it), with the game's own ``random.Random`` state swapped into the
+  global ``random`` module (the handcoded expert and the goal-text filler call the global
+  ``random``), and with three pure parsers memoized: ``fast_downward.pddl2sas`` (``reset``
+  translates the same problem twice per call; memoizing makes re-resets ~10x faster) and
+  the tatsu parses of grammar templates and conjunctive queries that TextWorld repeats for
+  every admissible command on every step (most of the step time). Outputs are unchanged
+  (tests compare cached and uncached transcripts).
+* ``FixedAlfredExpert``: ALFWorld's handcoded expert with the move->put state-tracking fix
+  (upstream renamed ``put X in/on Y`` to ``move X to Y`` but the expert's state tracker still
+  tests ``"put" in last_action``, so it never empties its inventory and loops on pick_two).
+  It also never raises: an expert failure yields ``"look"``.
+* A pool of loaded engines (each owns a private copy of ``libdownward.so``, 33 MB, whose
+  global state is per copy) so discarded games hand their engine to the next game of the
+  same file instead of leaking a dlopen'ed library.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import random
+import sys
+from collections import OrderedDict
+from typing import Iterator
+
+import fast_downward
+import textworld
+from alfworld.agents.environment.alfred_tw_env import (AlfredDemangler, AlfredExpert,
+                                                        AlfredExpertType, AlfredInfos)
+from textworld.envs.pddl import PddlEnv
+from textworld.envs.pddl import textgen as _textgen
+from textworld.logic import Rule
+
+log = logging.getLogger("sdar_envs.alfworld")
+
+_ORIG_PDDL2SAS = fast_downward.pddl2sas
+_SAS_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+SAS_CACHE_SIZE = 256
+
+
+def _cached_pddl2sas(domain: str, problem: str, verbose: bool = False, optimize: bool = False):
+    key = (hashlib.sha1(domain.encode()).hexdigest(), hashlib.sha1(problem.encode()).hexdigest(),
+           bool(optimize))
+    hit = _SAS_CACHE.get(key)
+    if hit is not None:
+        _SAS_CACHE.move_to_end(key)
+        return hit
+    out = _ORIG_PDDL2SAS(domain, problem, verbose=verbose, optimize=optimize)
+    _SAS_CACHE[key] = out
+    if len(_SAS_CACHE) > SAS_CACHE_SIZE:
+        _SAS_CACHE.popitem(last=False)
+    return out
+
+
+_ORIG_PARSE = _textgen._parse_and_convert
+_PARSE_CACHE: dict[tuple, list] = {}
+_ORIG_QUERY = Rule.__dict__["parse_conjunctive_query"]
+_QUERY_CACHE: dict[str, Rule] = {}
+PARSE_CACHE_SIZE = 20000
+
+
+def _cached_parse_and_convert(text: str, rule_name: str = "symbols", **kwargs):
+    # Symbols get their context assigned after parsing, so hand out a fresh copy.
+    key = (text, rule_name)
+    hit = _PARSE_CACHE.get(key)
+    if hit is None:
+        hit = _ORIG_PARSE(text, rule_name=rule_name, **kwargs)
+        if len(_PARSE_CACHE) < PARSE_CACHE_SIZE:
+            _PARSE_CACHE[key] = hit
+    return copy.deepcopy(hit)
+
+
+def _cached_query(cls, expr: str) -> Rule:
+    # Rules are only read (matched against the state), so one shared instance is safe.
+    hit = _QUERY_CACHE.get(expr)
+    if hit is None:
+        hit = _ORIG_QUERY.__func__(cls, expr)
+        if len(_QUERY_CACHE) < PARSE_CACHE_SIZE:
+            _QUERY_CACHE[expr] = hit
+    return hit
+
+
+MEMOIZE = True  # tests flip this to compare against the unpatched engine
+
+
+@contextlib.contextmanager
+def engine_guard(rng: random.Random | None = None) -> Iterator[None]:
+    """Run engine code with argv restored, parsers memoized and ``rng`` as global random."""
+    saved_argv = list(sys.argv)
+    saved_state = random.getstate() if rng is not None else None
+    if rng is not None:
+        random.setstate(rng.getstate())
+    if MEMOIZE:
+        fast_downward.pddl2sas = _cached_pddl2sas
+        _textgen._parse_and_convert = _cached_parse_and_convert
+        Rule.parse_conjunctive_query = classmethod(_cached_query)
+    try:
+        yield
+    finally:
+        fast_downward.pddl2sas = _ORIG_PDDL2SAS
+        _textgen._parse_and_convert = _ORIG_PARSE
+        Rule.parse_conjunctive_query = _ORIG_QUERY
+        if rng is not None:
+            rng.setstate(random.getstate())
+            random.setstate(saved_state)
+        sys.argv[:] = saved_argv
+        if sys.argv is not saved_argv:
+            sys.argv = saved_argv
+
+
+def _as_put(last_action: str) -> str:
+    return "put " + last_action[5:] if last_action.startswith("move ") else last_action
+
+
+class FixedAlfredExpert(AlfredExpert):
+    """ALFWorld's handcoded expert with the move->put fix; never raises from the expert."""
+
+    def __init__(self, env=None) -> None:
+        super().__init__(env=env, expert_type=AlfredExpertType.HANDCODED)
+        self.expert_error: str = ""
+
+    def reset(self):
+        state = super().reset()
+        policy = self._handcoded_expert.policy
+        track = policy.update_state_tracking
+        policy.update_state_tracking = lambda gs, last: track(gs, _as_put(last))
+        self.expert_error = ""
+        return state
+
+    def step(self, command: str):
+        admissible = self.state["admissible_commands"] if self.state else []
+        self.state, reward, done = textworld.core.Wrapper.step(self, command)
+        # The expert tracks the trajectory from the commands; an inadmissible command
+        # changed nothing, so it is shown to the expert as a no-op "look".
+        self.prev_command = str(command) if command in admissible else "look"
+        self._gather_infos()
+        return self.state, reward, done
+
+    def _gather_infos(self) -> None:
+        try:
+            super()._gather_infos()
+        except Exception as err:  # expert state broke on an odd trajectory: fall back
+            self.state["extra.expert_plan"] = ["look"]
+            if not self.expert_error:
+                self.expert_error = f"{type(err).__name__}: {err}"
+                log.debug("handcoded expert failed (%s); falling back to 'look'", err)
+
+
+class _PooledPddlEnv(PddlEnv):
+    """``PddlEnv`` whose downward library comes from (and returns to) a process pool."""
+
+    def __init__(self, infos: textworld.EnvInfos) -> None:
+        textworld.Environment.__init__(self, infos)
+        self.downward_lib = _LIBS.pop() if _LIBS else fast_downward.load_lib()
+
+
+_LIBS: list = []
+_IDLE: "OrderedDict[int, tuple[str, textworld.core.Wrapper]]" = OrderedDict()
+IDLE_ENGINES = 32
+
+
+def _request_infos() -> textworld.EnvInfos:
+    return textworld.EnvInfos(won=True, admissible_commands=True, facts=True,
+                              extras=["gamefile", "expert_plan"])
+
+
+def open_engine(game_file: str) -> textworld.core.Wrapper:
+    """A loaded engine for ``game_file`` (reused from the idle pool when possible).
+
+    Call inside ``engine_guard``. The engine is the wrapper chain
+    FixedAlfredExpert(AlfredInfos(AlfredDemangler(PddlEnv))).
+    """
+    for key, (path, env) in _IDLE.items():
+        if path == game_file:
+            del _IDLE[key]
+            return env
+    env = FixedAlfredExpert(AlfredInfos(AlfredDemangler(_PooledPddlEnv(_request_infos()))))
+    env.load(game_file)
+    return env
+
+
+def _recycle_lib(env: textworld.core.Wrapper) -> None:
+    lib = getattr(env.unwrapped, "downward_lib", None)
+    if lib is None:
+        return
+    if len(_LIBS) < IDLE_ENGINES:
+        _LIBS.append(lib)
+    else:
+        fast_downward.close_lib(lib)
+
+
+def release_engine(game_file: str, env: textworld.core.Wrapper, keep: bool = True) -> None:
+    """Hand an engine back: kept idle for the next game of ``game_file`` (``keep``) or
+    dismantled with its library recycled. Evicts the oldest idle engines beyond the cap."""
+    if not keep:
+        _recycle_lib(env)
+        return
+    _IDLE[id(env)] = (game_file, env)
+    while len(_IDLE) > IDLE_ENGINES:
+        _, (_, old) = _IDLE.popitem(last=False)
+        _recycle_lib(old)

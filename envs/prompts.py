@@ -1,0 +1,86 @@
+"""Student and teacher prompt templates, one per env, in the verl-agent manner.
+
+Prompts are deliberately short: the trainer's tiny CPU model pays for every token.
+Student prompt = task + last k steps + current observation + admissible actions + format.
+Teacher prompt = "## Privileged skills (teacher only)" header with retrieved skills + student prompt.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from .memory import Memory
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .skills import Skill
+
+TEACHER_HEADER = "## Privileged skills (teacher only)"
+
+_ACTION_FORMAT = ("First reason briefly inside <think> </think>. Then give exactly one "
+                  "admissible action inside <action> </action>.")
+
+_INTRO = {
+    "alfworld": "You are a household robot in a text world. Your task is to: {task}",
+    "webshop": "You are shopping on a web store. Your task is to: {task}",
+}
+
+_SEARCH_TEMPLATE = (
+    "Answer the question. Reason inside <think> </think> first. To look facts up, write "
+    "<search> query </search>; the top results come back inside <information> </information>. "
+    "Search as often as you need. When you know the answer, write only it inside "
+    "<answer> </answer>, for example <answer> Paris </answer>.\n"
+    "Question: {question}\n"
+)
+
+
+def _admissible_text(name: str, admissible: Sequence[str]) -> str:
+    acts = [a for a in admissible if not (name == "alfworld" and a.strip() == "help")]
+    return ", ".join(f"'{a}'" for a in acts)
+
+
+def render_prompt(name: str, task_text: str, memory: Memory, observation: str,
+                  admissible: Sequence[str], history_length: int) -> str:
+    """The student prompt for one env at its current step (a plain string, no chat markup)."""
+    if name == "searchqa":
+        return _render_search(task_text, memory, history_length)
+    intro = _INTRO.get(name, "Your task is to: {task}").format(task=task_text)
+    parts = [intro]
+    step = len(memory)
+    if step and history_length:
+        shown = min(step, history_length)
+        parts.append(f"You have taken {step} step(s). Your last {shown} observation(s) "
+                     f"and action(s):\n{memory.render(history_length)}")
+    parts.append(f"Current observation (step {step + 1}): {observation}")
+    acts = _admissible_text(name, admissible)
+    if acts:
+        parts.append(f"Admissible actions: [{acts}]")
+    parts.append(_ACTION_FORMAT)
+    return "\n".join(parts)
+
+
+def _render_search(question: str, memory: Memory, history_length: int) -> str:
+    text = _SEARCH_TEMPLATE.format(question=question)
+    if len(memory) and history_length:
+        text += f"Your previous steps:\n{memory.render(history_length, style='search')}\n"
+    return text
+
+
+def render_teacher_prompt(skills: Sequence["Skill"], student_prompt: str) -> str:
+    """Skills header (one bullet per skill) placed before the unchanged student prompt."""
+    lines = [TEACHER_HEADER]
+    lines += [f"- {s.title}: {s.text}" for s in skills] or ["- (no skill retrieved)"]
+    return "\n".join(lines) + "\n\n" + student_prompt
+
+
+def to_raw_action(projected: str, style: str, task_type: str = "") -> str:
+    """Projected action -> raw model format with a short reason; "" stays "" (env done)."""
+    if not projected:
+        return ""
+    if style == "search":
+        for kind, reason in (("search", "I need to look this up."),
+                             ("answer", "The results give me the answer.")):
+            if projected.startswith(kind + "[") and projected.endswith("]"):
+                body = projected[len(kind) + 1:-1]
+                return f"<think>{reason}</think>\n<{kind}> {body} </{kind}>"
+        return f"<think>I am not sure.</think>\n{projected}"
+    reason = f"Next step of my plan for this {task_type} task." if task_type else "Next step."
+    return f"<think>{reason}</think>\n<action>{projected}</action>"

@@ -1,0 +1,82 @@
+"""Backward Triton kernel: recompute logit tiles and write dL/dz (already divided by tau).
+
+For one vocab chunk [v_lo, v_hi) a program per (token tile x vocab tile) recomputes the
+student tile (and the teacher tile when the divergence gradient needs q), forms in fp32
+
+    dL/dz = g_logp (e_y - p) - g_ent p (log p + H) + g_div dD/dz        (kernels/stats.py)
+
+and stores it, cast to the GEMM dtype, into a bounded [N, chunk] scratch that cuBLAS turns
+into dL/dh and dL/dW. Per token-tile column sums of dL/dz (fp32) feed dL/db. Nothing is
+accumulated with atomics, so the result is bitwise reproducible. Token tiles whose upstream
+gradients are all zero skip the recompute and store zeros.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .forward_kernels import jsd_terms
+from .tiles import logit_tile
+
+
+@triton.jit
+def _load_row(ptr, rows, row_ok, PRESENT: tl.constexpr):
+    if PRESENT:
+        return tl.load(ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros(rows.shape, tl.float32)
+
+
+@triton.jit
+def dlogits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr,
+                   lse_ptr, ent_ptr, tlse_ptr, aux_ptr, gl_ptr, ge_ptr, gd_ptr,
+                   dz_ptr, dbp_ptr,
+                   N, v_lo, v_hi, H, HT, stride_h, stride_w, stride_th, stride_tw, ld_dz,
+                   inv_tau, beta,
+                   BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                   HAS_GL: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
+                   DIV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
+                   WRITE_DB: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KT: tl.constexpr,
+                   IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    cols = v_lo + pid_v * BV + tl.arange(0, BV)
+    col_ok = cols < v_hi
+    g_l = _load_row(gl_ptr, rows, row_ok, HAS_GL)
+    g_e = _load_row(ge_ptr, rows, row_ok, HAS_GE)
+    g_d = _load_row(gd_ptr, rows, row_ok, HAS_GD)
+    active = ((g_l != 0.0) | (g_e != 0.0) | (g_d != 0.0)) & row_ok
+    dz = tl.zeros((BN, BV), tl.float32)
+    if tl.max(active.to(tl.int32), 0) > 0:
+        z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, v_hi, H, stride_h, stride_w, inv_tau,
+                       BN, BV, BK, HAS_BIAS, EVEN_K, IEEE)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        logp = z - lse[:, None]
+        p = tl.exp(logp)
+        y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+        dz = tl.where(cols[None, :] == y[:, None], g_l[:, None], 0.0) - p * g_l[:, None]
+        if HAS_GE:
+            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+            dz -= g_e[:, None] * p * (logp + ent[:, None])
+        if HAS_GD and DIV != 0:
+            zt = logit_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, N, v_hi, HT, stride_th,
+                            stride_tw, inv_tau, BN, BV, BK, HAS_TBIAS, EVEN_KT, IEEE)
+            tlse = tl.load(tlse_ptr + rows, mask=row_ok, other=0.0)
+            if DIV == 1:  # reverse KL(p||q): aux = KL(p||q)
+                aux = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
+                dz += g_d[:, None] * p * (logp - (zt - tlse[:, None]) - aux[:, None])
+            if DIV == 2:  # forward KL(q||p)
+                dz += g_d[:, None] * (p - tl.exp(zt - tlse[:, None]))
+            if DIV == 3:  # jsd: aux = KL(p||M)
+                aux = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
+                lp, lq, log_m, p2, q = jsd_terms(z, zt, lse, tlse, beta)
+                dz += (g_d * (1.0 - beta))[:, None] * p * (lp - log_m - aux[:, None])
+        # Masked columns hold -inf logits (NaN products): select, never multiply.
+        dz = tl.where(row_ok[:, None] & col_ok[None, :], dz * inv_tau, 0.0)
+    local = cols - v_lo
+    ptrs = dz_ptr + rows[:, None].to(tl.int64) * ld_dz + local[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if WRITE_DB:
+        tl.store(dbp_ptr + pid_n * ld_dz + local, tl.sum(dz, 0), mask=col_ok)

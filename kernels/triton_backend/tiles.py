@@ -1,0 +1,44 @@
+"""Triton device helpers shared by the forward and backward kernels: one logit tile.
+
+A logit tile is z[BN, BV] = (h[rows] @ W[cols]^T + b[cols]) * inv_tau, accumulated in fp32
+over a K-loop on H; it never leaves registers. Out-of-range rows load zeros; out-of-range
+columns are set to -inf so that they vanish from every softmax sum.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Finite "minus infinity" for running maxima: exp(NEG_BIG - m) == 0 and
+# (NEG_BIG - m) * 0 == 0, so the first rescale of an empty state cannot make a NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_tau,
+               BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+    """fp32 logits [BN, BV] for token rows `rows` and vocab columns `cols` (-inf outside V)."""
+    acc = tl.zeros((BN, BV), dtype=tl.float32)
+    row_ok = rows < N
+    col_ok = cols < V
+    ks = tl.arange(0, BK)
+    h_base = h_ptr + rows[:, None].to(tl.int64) * stride_h
+    w_base = w_ptr + cols[:, None].to(tl.int64) * stride_w
+    for k0 in range(0, H, BK):
+        k = k0 + ks
+        if EVEN_K:
+            a = tl.load(h_base + k[None, :], mask=row_ok[:, None], other=0.0)
+            b = tl.load(w_base + k[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            a = tl.load(h_base + k[None, :], mask=row_ok[:, None] & (k[None, :] < H), other=0.0)
+            b = tl.load(w_base + k[None, :], mask=col_ok[:, None] & (k[None, :] < H), other=0.0)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    z = acc * inv_tau
+    return tl.where(col_ok[None, :], z, float("-inf"))

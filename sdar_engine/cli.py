@@ -1,0 +1,139 @@
+"""The ``sdar`` command: train, eval, demo, bench.
+
+    sdar train --config alfworld_qwen2.5-3b.yaml --set algo.method=sdar --set train.steps=150
+    sdar train --config tiny_alfworld.yaml --output runs/x --resume
+    sdar eval  --config tiny_alfworld.yaml --set model.path=runs/x/model_warmstart
+    sdar demo  [--compare] [--output DIR]
+    sdar bench [args...]        (delegates to the benchmarks package)
+
+Arguments are parsed before any env is built (the ALFWorld planner rewrites ``sys.argv``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger("sdar.cli")
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_config: str | None) -> None:
+    p.add_argument("--config", default=default_config,
+                   help="YAML file, or the name of a packaged config in sdar_engine/configs/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set algo.method=grpo (repeatable)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdar", description="SDAR training engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="RL training run (GRPO / SDAR / baselines)")
+    _add_config_args(train, None)
+    train.add_argument("--output", default=None, help="run directory (default: train.output_dir or runs/<time>)")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    ev = sub.add_parser("eval", help="held-out success of a model")
+    _add_config_args(ev, None)
+    ev.add_argument("--output", default=None, help="where the eval metrics go")
+    ev.add_argument("--tasks", type=int, default=None, help="number of test tasks (default env.eval_tasks)")
+    demo = sub.add_parser("demo", help="tiny model + offline ALFWorld: warm-start then SDAR RL (CPU)")
+    _add_config_args(demo, "tiny_alfworld_demo.yaml")
+    demo.add_argument("--output", default=None, help="run directory (default runs/demo-<time>)")
+    demo.add_argument("--compare", action="store_true", help="also run GRPO from the same warm-start and seed")
+    demo.add_argument("--skip-untrained", action="store_true", help="skip the untrained-model eval")
+    bench = sub.add_parser("bench", help="kernel / engine benchmarks (delegates to benchmarks/)")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sdar_engine.config import load_config
+    from sdar_engine.demo import prepare_policy
+    from sdar_engine.trainer import Trainer, default_run_dir, make_env
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.output or cfg.train.output_dir or default_run_dir())
+    if args.resume and not run_dir.is_dir():
+        raise ValueError(f"--resume: run directory {str(run_dir)!r} does not exist; pass --output DIR")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = make_env(cfg, "train")
+    start = _built_start_model(run_dir) if args.resume else None
+    if start is not None:  # resumed: the start model (ref-KL anchor) was built by the first run
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(start)))
+    elif cfg.model.path is None or cfg.warmstart.enabled:
+        cfg = prepare_policy(cfg, run_dir, env)
+    trainer = Trainer(cfg, run_dir, resume=args.resume, env=env)
+    last = trainer.fit()
+    print(f"[sdar train] run dir {run_dir}: step {trainer.step} "
+          f"success {last.get('success', float('nan')):.3f} "
+          f"held-out {last.get('eval/success', float('nan')):.3f}", flush=True)
+    return 0
+
+
+def _built_start_model(run_dir: Path) -> Path | None:
+    """The start model a previous ``sdar train`` built in ``run_dir`` (warm-started first)."""
+    for name in ("model_warmstart", "model_init"):
+        if (run_dir / name / "config.json").is_file():
+            return run_dir / name
+    return None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sdar_engine.config import load_config
+    from sdar_engine.trainer import Trainer, default_run_dir
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.path is None:
+        raise ValueError("sdar eval needs --set model.path=DIR (a local HF model directory)")
+    trainer = Trainer(cfg, Path(args.output or default_run_dir(tag="eval")))
+    metrics = trainer.evaluate(n_tasks=args.tasks)
+    trainer.logger.log(0, metrics)
+    for key, value in sorted(metrics.items()):
+        print(f"[sdar eval] {key} {value:.4f}", flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sdar_engine.config import load_config
+    from sdar_engine.demo import run_demo
+
+    cfg = load_config(args.config, args.overrides)
+    run_demo(cfg, output=args.output, compare=args.compare, eval_untrained=not args.skip_untrained)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.cli import main as bench_main  # type: ignore[import-not-found]
+    except ImportError:
+        print("[sdar bench] the benchmarks CLI (benchmarks/cli.py) is not available in this checkout; "
+              "run `python -m pytest benchmarks/ --benchmark-only` directly", flush=True)
+        return 2
+    return int(bench_main(list(args.args)) or 0)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sdar`` console script; returns the exit status."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    _setup_logging(getattr(args, "log_level", "INFO"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except ValueError as err:  # bad config / input: one clear line, no traceback
+        print(f"sdar {args.command}: error: {err}", file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,334 @@
+"""One validated dataclass tree for a training run: YAML file + ``--set a.b=value`` overrides.
+
+``TrainConfig`` holds the sections model / env / rollout / algo / optim / train / warmstart.
+Every unknown key or invalid value raises ``ValueError`` naming the dotted key, the value and
+what is valid, before any model, env or file is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from sdar_engine.model import ModelConfig
+from sdar_engine.optim import OptimConfig
+
+METHODS = ("grpo", "sdar", "grpo_opsd", "opsd", "skill_sd", "rlsd")
+ADVANTAGES = ("grpo", "drgrpo", "gigpo")
+ENV_NAMES = ("alfworld", "webshop", "searchqa")
+RETRIEVALS = ("keyword", "full", "random", "ucb")
+BACKENDS = ("hf", "vllm")
+DEVICES = ("auto", "cpu", "cuda")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+MODEL_ATTNS = ("auto", "flash", "sdpa", "eager")
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class EnvConfig:
+    """Which environment suite and how a step's batch of B tasks x G copies is drawn."""
+
+    name: str = "alfworld"
+    seed: int = 0
+    options: dict = field(default_factory=dict)  # passed to the suite (e.g. room size)
+    history_length: Optional[int] = None    # (obs, action) pairs in the prompt; None = suite default
+    invalid_penalty: Optional[float] = None  # subtracted from an invalid step's reward; None = suite default
+    retrieval: str = "keyword"       # teacher skill retrieval
+    skill_top_k: int = 3
+    tasks_per_step: int = 16         # B
+    group_size: int = 8              # G
+    eval_tasks: int = 0              # held-out tasks per eval; 0 = the whole test split
+    num_workers: Optional[int] = None       # env worker processes; None = suite default
+
+
+@dataclass
+class RolloutConfig:
+    """Generation settings; temperatures are the softmax temperature (1.0 = the raw policy)."""
+
+    backend: str = "hf"
+    max_new_tokens: int = 512
+    max_prompt_tokens: int = 2048    # longer prompts keep their last tokens
+    temperature: float = 1.0
+    top_p: float = 1.0
+    eval_temperature: float = 0.4
+    gen_batch: int = 0               # prompts per generate call; 0 = all at once
+    max_turns: int = 0               # env steps per episode; 0 = the env's own cap
+    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {enable_thinking: false} (Qwen3)
+
+
+@dataclass
+class AlgoConfig:
+    """Method (loss preset), advantage estimator and update schedule."""
+
+    method: str = "sdar"
+    loss: dict = field(default_factory=dict)  # LossConfig overrides, e.g. {sd_coef: 0.01}
+    advantage: str = "grpo"
+    adv_eps: float = 1e-6
+    step_advantage_w: float = 1.0    # GiGPO only
+    gamma: float = 0.95              # GiGPO discount
+    max_tokens: int = 8192           # token budget of one packed micro-batch
+    mini_batches: int = 1            # optimizer steps per rollout batch
+    rlsd_decay_steps: int = 0        # RLSD weight -> 0 linearly over this many steps; 0 = train.steps
+
+
+@dataclass
+class RunConfig:
+    """Run length, seeding, output and logging."""
+
+    steps: int = 150
+    seed: int = 0
+    output_dir: str = ""             # "" = a fresh runs/<timestamp> directory
+    save_every: int = 50
+    eval_every: int = 0              # 0 = eval only at the end
+    device: str = "auto"
+    plot: bool = True
+    tensorboard: bool = True
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class WarmstartConfig:
+    """Supervised warm-start on expert trajectories before RL (cross-entropy on responses)."""
+
+    enabled: bool = False
+    episodes: int = 64               # expert episodes collected from the train split
+    epochs: int = 2
+    lr: float = 1e-3
+    max_tokens: int = 4096
+    batch_samples: int = 32          # step samples per optimizer step
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def loss_config(self, step: int = 0):
+        """The ``sdar_kernels.LossConfig`` of ``algo.method`` at ``step`` (RLSD weight decayed)."""
+        return loss_config_for(self, step)
+
+
+CHOICES: dict[str, tuple] = {
+    "model.dtype": MODEL_DTYPES, "model.attn": MODEL_ATTNS,
+    "env.name": ENV_NAMES, "env.retrieval": RETRIEVALS, "rollout.backend": BACKENDS,
+    "algo.method": METHODS, "algo.advantage": ADVANTAGES, "train.device": DEVICES,
+}
+POSITIVE = ("env.tasks_per_step", "env.group_size", "rollout.max_new_tokens",
+            "rollout.max_prompt_tokens", "algo.max_tokens", "algo.mini_batches",
+            "train.save_every", "warmstart.epochs", "warmstart.max_tokens",
+            "warmstart.batch_samples", "train.keep_checkpoints")
+NON_NEGATIVE = ("env.history_length", "env.invalid_penalty", "env.eval_tasks", "env.num_workers",
+                "env.skill_top_k", "rollout.gen_batch", "rollout.max_turns", "rollout.eval_temperature",
+                "algo.step_advantage_w", "algo.rlsd_decay_steps", "train.steps",
+                "train.eval_every", "warmstart.episodes", "algo.adv_eps")
+
+
+def _fail(key: str, value: Any, valid: str) -> None:
+    raise ValueError(f"config {key}={value!r} is invalid; valid: {valid}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a type hint (int/float/bool/str/dict/tuple/Optional)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0]) if len(inner) == 1 else value
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, value, "an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, value, "a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            _fail(key, value, "a string")
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            _fail(key, value, "a mapping")
+        return dict(value)
+    if origin is tuple or hint is tuple:
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, "a list")
+        return tuple(value)
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys by dotted name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        _fail(prefix, data, f"a mapping with keys {[f.name for f in dataclasses.fields(cls)]}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f" under '{prefix}'" if prefix else ""
+        raise ValueError(f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}'; "
+                         f"valid keys{where}: {', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints.get(name)
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(key, value, hint)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config section '{prefix or 'root'}': {err}") from err
+
+
+def _get(cfg: TrainConfig, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name, None)
+
+
+def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
+    """Check choices, ranges, the loss preset and (optionally) the model directory."""
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value is not None and value not in choices:
+            _fail(key, value, "one of " + ", ".join(choices))
+    for key in POSITIVE:
+        value = _get(cfg, key)
+        if value is not None and not value > 0:
+            _fail(key, value, "a number > 0")
+    for key in NON_NEGATIVE:
+        value = _get(cfg, key)
+        if value is not None and value < 0:
+            _fail(key, value, "a number >= 0")
+    for key in ("rollout.temperature", "rollout.top_p"):
+        value = _get(cfg, key)
+        if not 0 < value <= (1.0 if key.endswith("top_p") else 100.0):
+            _fail(key, value, "in (0, 1]" if key.endswith("top_p") else "a number > 0")
+    if not 0.0 <= cfg.algo.gamma <= 1.0:
+        _fail("algo.gamma", cfg.algo.gamma, "a number in [0, 1]")
+    if cfg.rollout.backend == "vllm" and not _vllm_available():
+        _fail("rollout.backend", "vllm", "hf (vllm is not installed here)")
+    try:
+        loss_config_for(cfg, 0)
+    except ValueError as err:
+        raise ValueError(f"config algo.loss / algo.method: {err}") from err
+    if check_paths:
+        check_model_dir(cfg.model)
+    return cfg
+
+
+def _vllm_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_model_dir(model_cfg: Any) -> None:
+    """A set ``model.path`` must be a local HF directory (config.json, safetensors, tokenizer)."""
+    from sdar_engine.model import check_model_dir as _check_dir
+
+    path = getattr(model_cfg, "path", None)
+    if not path:
+        return  # the tiny preset is built at run time
+    try:
+        _check_dir(os.path.expanduser(str(path)))
+    except FileNotFoundError as err:
+        raise ValueError(f"config model.path={str(path)!r} is invalid: {err}") from err
+
+
+def loss_config_for(cfg: TrainConfig, step: int):
+    """LossConfig.preset(algo.method, **algo.loss), temperature tied to the rollout's.
+
+    RLSD's teacher weight decays linearly from its preset value to 0 over the decay horizon.
+    """
+    from sdar_kernels import LossConfig
+
+    overrides = dict(cfg.algo.loss)
+    overrides.setdefault("temperature", cfg.rollout.temperature)
+    loss = LossConfig.preset(cfg.algo.method, **overrides)
+    if loss.teacher_use == "rlsd":
+        horizon = cfg.algo.rlsd_decay_steps or cfg.train.steps
+        frac = max(0.0, 1.0 - step / horizon) if horizon > 0 else 0.0
+        loss = loss.replace(rlsd_weight=loss.rlsd_weight * frac)
+    return loss
+
+
+def resolve_config_path(path: str) -> Path:
+    """A path as given, else relative to the packaged ``sdar_engine/configs`` directory."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    for cand in (PACKAGE_CONFIG_DIR / path, PACKAGE_CONFIG_DIR / p.name):
+        if cand.is_file():
+            return cand
+    avail = sorted(x.name for x in PACKAGE_CONFIG_DIR.glob("*.yaml"))
+    raise ValueError(f"config file {path!r} not found; packaged configs: {', '.join(avail)}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], YAML-parsed value)."""
+    if "=" not in item:
+        raise ValueError(f"--set {item!r} is invalid; use --set section.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ValueError(f"--set {item!r} is invalid; the key needs a section, e.g. algo.method=sdar")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each dotted override into a copy of the raw mapping (validated later by ``_build``)."""
+    out = _deep_copy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ValueError(f"--set {item!r}: '{part}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(data: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+
+
+def from_dict(data: dict, overrides: list[str] | None = None, check_paths: bool = True) -> TrainConfig:
+    """Build and validate a TrainConfig from a raw mapping plus dotted overrides."""
+    raw = apply_overrides(data or {}, list(overrides or []))
+    return validate(_build(TrainConfig, raw, ""), check_paths=check_paths)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                check_paths: bool = True) -> TrainConfig:
+    """Read YAML (a path or a packaged config name), apply overrides, validate."""
+    data: dict = {}
+    if path:
+        p = resolve_config_path(str(path))
+        with open(p, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(p)!r} must hold a mapping of sections; got {type(data).__name__}")
+    return from_dict(data, overrides, check_paths=check_paths)

@@ -1,0 +1,37 @@
+"""The self-distillation teacher: the rollout policy reading the skill-prefixed prompt.
+
+The teacher is not a second model. Its prompt is ``env.teacher_prompt(i, retrieval)`` (the
+student prompt behind privileged skills from the env's skill bank, rendered with the same chat
+template); its log-probs of the student's sampled response tokens come from the same weights
+that generated them, under no_grad, through the fused log-prob kernel (ENGINE-CORE's
+``score_samples(which="teacher")``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from sdar_engine.packing import Sample
+from sdar_engine.rollout import render_prompt_ids
+
+RETRIEVALS = ("keyword", "full", "random", "ucb")
+
+
+def teacher_prompt_ids(env: Any, tokenizer: Any, indices: Sequence[int], retrieval: str = "keyword",
+                       max_prompt_tokens: int = 0) -> list[list[int]]:
+    """Token ids of the teacher prompts of envs ``indices`` (call before ``env.step``)."""
+    if retrieval not in RETRIEVALS:
+        raise ValueError(f"retrieval={retrieval!r} is invalid; valid choices: {', '.join(RETRIEVALS)}")
+    return [render_prompt_ids(tokenizer, env.teacher_prompt(i, retrieval), max_prompt_tokens)
+            for i in indices]
+
+
+def score_teacher(model: Any, samples: list[Sample], max_tokens: int, temperature: float) -> None:
+    """Fill ``sample.teacher_logp`` [len(response)] for every sample (no grad, packed streams)."""
+    from sdar_engine.logprobs import score_samples
+
+    missing = [k for k, s in enumerate(samples) if s.teacher_prompt_ids is None]
+    if missing:
+        raise ValueError(f"samples {missing[:5]} have teacher_prompt_ids=None; the rollout must "
+                         "render teacher prompts when the loss uses the teacher (retrieval set)")
+    if samples:
+        score_samples(model, samples, max_tokens, which="teacher", temperature=temperature)

@@ -1,0 +1,42 @@
+"""History rendering and the per-env prompt templates."""
+from sdar_envs.memory import Memory
+from sdar_envs.prompts import TEACHER_HEADER, render_prompt, render_teacher_prompt, to_raw_action
+from sdar_envs.projection import project
+from sdar_envs.skills import load_skill_bank
+
+
+def test_simple_and_search_history():
+    m = Memory()
+    m.add("obs a", "go to desk 1", "obs b")
+    m.add("obs b", "take pen 1", "obs c")
+    m.add("obs c", "look", "obs d")
+    assert m.render(2) == ("[Observation 2: 'obs b', Action 2: 'take pen 1']\n"
+                           "[Observation 3: 'obs c', Action 3: 'look']")
+    s = Memory()
+    s.add("q", "search[who is x]", "\n\n<information>Doc 1(Title: X) y\n</information>\n\n")
+    assert s.render(4, "search") == "Step 1: who is x <information>Doc 1(Title: X) y\n</information>"
+
+
+def test_webshop_prompt_lists_actions():
+    p = render_prompt("webshop", "buy red shoes", Memory(), "WebShop [SEP] Search",
+                      ["search[<your query>]", "click[buy now]"], 2)
+    assert "buy red shoes" in p and "'click[buy now]'" in p and "<action>" in p
+
+
+def test_search_prompt():
+    m = Memory()
+    m.add("Q?", "search[abc]", "<information>info</information>")
+    p = render_prompt("searchqa", "Who?", m, "", [], 4)
+    for part in ("<search>", "<answer>", "<think>", "Question: Who?", "Step 1: abc"):
+        assert part in p
+
+
+def test_teacher_prompt_and_raw_actions_roundtrip():
+    bank = load_skill_bank("alfworld")
+    skills = bank.retrieve("pick_clean_then_place", "clean some mug and put it in cabinet")
+    t = render_teacher_prompt(skills, "STUDENT")
+    assert t.startswith(TEACHER_HEADER + "\n- ") and t.endswith("\n\nSTUDENT") and "sink" in t
+    assert project(to_raw_action("go to sinkbasin 1", "action", "x")) == ("go to sinkbasin 1", True)
+    assert project(to_raw_action("search[a b]", "search"), "search") == ("search[a b]", True)
+    assert project(to_raw_action("answer[Paris]", "search"), "search") == ("answer[Paris]", True)
+    assert to_raw_action("", "action") == ""

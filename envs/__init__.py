@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ SUITES: dict[str, SuiteSpec] = {
 }
 
 # Options consumed by BatchEnv; every other keyword goes to the suite's build_suite.
+log = logging.getLogger("sdar_envs")
 _ENV_OPTIONS = ("history_length", "invalid_penalty", "num_workers", "skill_top_k", "ucb_c")
 
 
@@ -89,5 +91,8 @@ def make(name: str, split: str = "train", seed: int = 0, **options: Any) -> Batc
     env_opts.setdefault("invalid_penalty", spec.invalid_penalty)
     env_opts.setdefault("num_workers", spec.num_workers)
     suite = build_suite(name, seed=seed, **options)
-    return BatchEnv(name, suite, split=split, seed=seed, suite_options=options,
-                    style=spec.style, **env_opts)
+    env = BatchEnv(name, suite, split=split, seed=seed, suite_options=options,
+                   style=spec.style, **env_opts)
+    log.info("make %s split=%s seed=%d tasks=%d num_workers=%d options=%s", name, split, seed,
+             len(env.task_ids), env_opts["num_workers"], options)
+    return env

@@ -84,6 +84,7 @@ class BatchEnv:
         self.history_length, self.invalid_penalty = history_length, float(invalid_penalty)
         self.skill_top_k = skill_top_k
         self._task_ids = list(suite.task_ids(split))
+        self._task_set = frozenset(self._task_ids)
         if not self._task_ids:
             raise ValueError(f"suite {name!r} has no tasks in split {split!r}")
         self._rng = random.Random(f"{name}/{split}/{seed}")
@@ -121,7 +122,7 @@ class BatchEnv:
                 raise ValueError(f"batch_size={batch_size!r} is not valid; use an int >= 1")
             task_ids = self._draw_tasks(batch_size)
         else:
-            unknown = [t for t in task_ids if t not in set(self._task_ids)]
+            unknown = [t for t in task_ids if t not in self._task_set]
             if unknown:
                 raise ValueError(f"task_ids={unknown[:3]!r} are not in split {self.split!r}")
         self.group_size = group_size
@@ -181,7 +182,8 @@ class BatchEnv:
         return out
 
     def expert_actions(self) -> list[str]:
-        """The oracle's next action per env, in raw model format (think + action tags)."""
+        """The oracle's next action per env, in raw model format (think + action tags);
+        "" for envs that are already done."""
         self._require_reset()
         live = [i for i in range(self.num_envs) if not self._dones[i]]
         projected = dict(zip(live, self._runner.expert(live)))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MAX_OBS_CHARS = 600   # history observations are clipped: the tiny CPU model pays per token
+# History observations are clipped (the tiny CPU model pays per token); Search keeps more
+# because earlier <information> blocks hold the facts the final answer needs.
+MAX_OBS_CHARS = {"simple": 300, "search": 1500}
 
 
 @dataclass(frozen=True)
@@ -45,14 +47,16 @@ class Memory:
         lines = []
         for n, r in self.recent(k):
             if style == "search":
-                lines.append(f"Step {n}: {_search_query(r.action)} {_clip(r.next_observation.strip())}")
+                info = _clip(r.next_observation.strip(), MAX_OBS_CHARS["search"])
+                lines.append(f"Step {n}: {_search_query(r.action)} {info}")
             else:
-                lines.append(f"[Observation {n}: '{_clip(r.observation)}', Action {n}: '{r.action}']")
+                obs = _clip(r.observation, MAX_OBS_CHARS["simple"])
+                lines.append(f"[Observation {n}: '{obs}', Action {n}: '{r.action}']")
         return "\n".join(lines)
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_OBS_CHARS else text[:MAX_OBS_CHARS] + " …"
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + " …"
 
 
 def _search_query(action: str) -> str:

@@ -25,10 +25,9 @@ def _tiles(n: int, size: int) -> Iterator[tuple[int, int]]:
 
 def _logits(h: Tensor, w: Tensor, b: Optional[Tensor], v0: int, v1: int, tau: float) -> Tensor:
     """(h W[v0:v1]^T + b[v0:v1]) / tau in h's (accumulation) dtype; h is already upcast."""
-    z = h @ w[v0:v1].to(h.dtype).T
-    if b is not None:
-        z = z + b[v0:v1].to(h.dtype)
-    return z / tau if tau != 1.0 else z
+    wt = w[v0:v1].to(h.dtype).T
+    z = torch.addmm(b[v0:v1].to(h.dtype), h, wt) if b is not None else h @ wt
+    return z.div_(tau) if tau != 1.0 else z
 
 
 @dataclass
@@ -44,19 +43,20 @@ class _Online:
 
 
 def _tile_state(z: Tensor, zt: Optional[Tensor], divergence: str) -> _Online:
-    m = z.max(dim=1).values
-    d = z - m[:, None]
+    """State of one tile; overwrites z (and zt) with z - max in place to save a pass."""
+    m = z.amax(dim=1)
+    d = z.sub_(m[:, None])
     ez = d.exp()
-    st = _Online(m=m, s=ez.sum(1), e=(ez * d).sum(1))
+    st = _Online(m=m, s=ez.sum(1), e=torch.linalg.vecdot(ez, d))
     if zt is not None:
-        st.mt = zt.max(dim=1).values
-        dt = zt - st.mt[:, None]
+        st.mt = zt.amax(dim=1)
+        dt = zt.sub_(st.mt[:, None])
         ezt = dt.exp()
         st.st = ezt.sum(1)
         if divergence == "reverse_kl":  # sum e^(z-m) ((z-m) - (zt-mt))
-            st.a = (ez * (d - dt)).sum(1)
+            st.a = st.e - torch.linalg.vecdot(ez, dt)
         elif divergence == "forward_kl":  # sum e^(zt-mt) ((zt-mt) - (z-m))
-            st.a = (ezt * (dt - d)).sum(1)
+            st.a = torch.linalg.vecdot(ezt, dt) - torch.linalg.vecdot(ezt, d)
     return st
 
 
@@ -161,25 +161,30 @@ def _jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
 
 
 def _dlogits(z, lse, y_local, inside, g_logp, g_entropy, entropy, g_div, zt, tlse, div_aux, spec):
-    """dL/dz for one tile (fp32/fp64), the per-token linear combination of kernels/stats.py."""
-    lp = z - lse[:, None]
-    p = lp.exp()
-    dz = torch.zeros_like(z)
+    """dL/dz for one tile (fp32/fp64), the per-token linear combination of kernels/stats.py.
+
+    Overwrites z; the common case (log-prob gradient only) runs three in-place passes."""
+    lp = z.sub_(lse[:, None])
+    only_logp = g_entropy is None and g_div is None
+    p = lp.exp_() if only_logp else lp.exp()
+    if only_logp:
+        dz = p.mul_(-g_logp[:, None])
+    else:
+        dz = p * (-g_logp[:, None]) if g_logp is not None else torch.zeros_like(p)
+        if g_entropy is not None:
+            dz -= g_entropy[:, None] * p * (lp + entropy[:, None])
+        if g_div is not None:
+            lq = zt.sub_(tlse[:, None])
+            if spec.divergence == "reverse_kl":
+                dz += g_div[:, None] * p * (lp - lq - div_aux[:, None])
+            elif spec.divergence == "forward_kl":
+                dz += g_div[:, None] * (p - lq.exp())
+            else:  # jsd
+                _, lp_m = _jsd_tile(lp, lq, spec.jsd_beta)
+                dz += ((1.0 - spec.jsd_beta) * g_div)[:, None] * p * (lp_m - div_aux[:, None])
     if g_logp is not None:
-        dz -= g_logp[:, None] * p
         cols = y_local.clamp(0, z.shape[1] - 1)[:, None]
         dz.scatter_add_(1, cols, torch.where(inside, g_logp, 0.0)[:, None])
-    if g_entropy is not None:
-        dz -= g_entropy[:, None] * p * (lp + entropy[:, None])
-    if g_div is not None:
-        lq = zt - tlse[:, None]
-        if spec.divergence == "reverse_kl":
-            dz += g_div[:, None] * p * (lp - lq - div_aux[:, None])
-        elif spec.divergence == "forward_kl":
-            dz += g_div[:, None] * (p - lq.exp())
-        else:  # jsd
-            _, lp_m = _jsd_tile(lp, lq, spec.jsd_beta)
-            dz += ((1.0 - spec.jsd_beta) * g_div)[:, None] * p * (lp_m - div_aux[:, None])
     return dz
 
 
@@ -217,11 +222,11 @@ def stats_backward(hidden, weight, bias, targets, teacher_hidden, teacher_weight
                 stats.div_aux[sl] if (gd is not None and stats.div_aux is not None) else None, spec,
             )
             if tau != 1.0:
-                dz /= tau
+                dz.div_(tau)
             if d_h is not None:
-                d_h[sl] += dz @ weight[v0:v1].to(acc)
+                d_h[sl].addmm_(dz, weight[v0:v1].to(acc))
             if d_w is not None:
-                d_w[v0:v1] += (dz.T @ h).to(d_w.dtype)
+                d_w[v0:v1].addmm_(dz.T.to(d_w.dtype), h.to(d_w.dtype))
             if d_b is not None:
                 d_b[v0:v1] += dz.sum(0).to(d_b.dtype)
     return _cast(d_h, hidden), _cast(d_w, weight), _cast(d_b, bias)

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from . import terms
 from .config import LossConfig
-from .linear_stats import linear_stats
+from .linear_stats import _validate, linear_stats, resolve_backend
+from .rowwise import rowwise_sdar_loss
 from .stats import StatsSpec, accum_dtype
 
 
@@ -96,6 +97,17 @@ def fused_linear_sdar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
     acc = accum_dtype(hidden.dtype)
     mask = (loss_mask != 0).to(acc)
     full_div = cfg.full_vocab_divergence
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if cfg.grad_in_forward and wants_grad and resolve_backend(cfg.backend, hidden.device) == "torch":
+        _validate(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias,
+                  StatsSpec(divergence=cfg.divergence if full_div else "none"))
+        weights = terms.token_weights(mask, segment_ids, normalizer, cfg)
+        loss, logp, ent, div = rowwise_sdar_loss(
+            hidden, weight, bias, targets, loss_mask, weights, advantages, old_logprobs, teacher_logprobs,
+            ref_logprobs, teacher_hidden if full_div else None, teacher_weight if full_div else None,
+            teacher_bias if full_div else None, cfg)
+        tt = terms.token_terms(logp, ent, div, advantages, old_logprobs, teacher_logprobs, ref_logprobs, cfg)
+        return SDAROutput(loss=loss, metrics=terms.loss_metrics(tt, ent, mask, weights), logprobs=logp, entropy=ent)
     spec = StatsSpec(temperature=cfg.temperature, with_entropy=True,
                      divergence=cfg.divergence if full_div else "none", jsd_beta=cfg.jsd_beta,
                      token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk)
@@ -111,46 +123,7 @@ def sdar_epilogue(logp: Tensor, entropy: Tensor, div: Optional[Tensor], advantag
                   mask: Tensor, teacher: Optional[Tensor], ref: Optional[Tensor],
                   segment_ids: Optional[Tensor], normalizer, cfg: LossConfig) -> tuple[Tensor, dict]:
     """Total loss and metrics from per-token statistics (all [N]; mask float 0/1)."""
-    dt = logp.dtype
-    adv, old = advantages.detach().to(dt), old.detach().to(dt)
-    agg = terms.Aggregator(mask, segment_ids, normalizer, cfg)
-    gap = (teacher.detach().to(dt) - logp.detach()) if teacher is not None else None
-    if cfg.teacher_use == "rlsd" and gap is not None:
-        adv = terms.rlsd_advantage(adv, gap, cfg)
-    pg, ratio, clipped = terms.ppo_clip(logp, old, adv, cfg)
-    zero = logp.new_zeros(())
-    loss = cfg.policy_coef * agg(pg) if cfg.policy_coef != 0 else zero
-    metrics = {"pg_loss": agg(pg).detach(), "ratio_mean": terms.masked_mean(ratio, mask).detach(),
-               "clip_frac": terms.masked_mean(clipped, mask).detach(),
-               "entropy_mean": terms.masked_mean(entropy, mask).detach(), "tokens": mask.sum().detach()}
-    if ref is not None:
-        k = terms.kl_penalty(logp, ref.detach().to(dt), cfg.kl_type)
-        metrics["ref_kl"] = terms.masked_mean(k, mask).detach()
-        if cfg.kl_coef != 0:
-            loss = loss + cfg.kl_coef * agg(k)
-    if cfg.entropy_coef != 0:
-        loss = loss - cfg.entropy_coef * agg(entropy)
-    sd = _sd_term(logp, entropy, div, old, gap, cfg, metrics, mask) if gap is not None else None
-    if sd is not None:
-        metrics["sd_loss"] = agg(sd).detach()
-        loss = loss + cfg.sd_coef * agg(sd)
-    return loss, metrics
-
-
-def _sd_term(logp, entropy, div, old, gap, cfg: LossConfig, metrics: dict, mask: Tensor) -> Optional[Tensor]:
-    """Per-token teacher term (SDAR gated divergence or Skill-SD), filling its metrics.
-
-    gap = t - sg(s); the sampled divergence t - s is written gap + sg(s) - s so that its value
-    is t - s and its gradient flows through s alone.
-    """
-    metrics["gap_mean"] = terms.masked_mean(gap, mask)
-    if cfg.sd_coef == 0 or cfg.teacher_use in ("none", "rlsd"):
-        return None
-    if cfg.teacher_use == "skill_sd":
-        return terms.skill_sd_term(logp, old, logp.detach() + gap)
-    gate = terms.gate_values(gap, entropy, cfg)
-    d = (gap + logp.detach() - logp) if cfg.divergence == "sampled" else div
-    metrics["gate_mean"] = terms.masked_mean(gate, mask)
-    metrics["gate_active"] = terms.masked_mean((gate > 0.5).to(gate.dtype), mask)
-    metrics["div_mean"] = terms.masked_mean(d.detach(), mask)
-    return gate * d
+    weights = terms.token_weights(mask, segment_ids, normalizer, cfg)
+    tt = terms.token_terms(logp, entropy, div, advantages, old, teacher, ref, cfg)
+    loss = (weights * terms.token_loss(tt, entropy, cfg)).sum()
+    return loss, terms.loss_metrics(tt, entropy, mask, weights)

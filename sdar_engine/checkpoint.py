@@ -167,6 +167,19 @@ def _resolve(path: str) -> str:
     return latest
 
 
+def _load_optimizer(file: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    osd = torch.load(file, weights_only=False)
+    if osd.get("state"):
+        set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+        return
+    # stateless optimizers (plain SGD) have no tensors to place: restore hyper-parameters only
+    if len(osd.get("param_groups", [])) != len(optimizer.param_groups):
+        raise ValueError(f"{file} has {len(osd.get('param_groups', []))} parameter groups; the optimizer "
+                         f"has {len(optimizer.param_groups)}")
+    for saved, group in zip(osd["param_groups"], optimizer.param_groups):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
                     scheduler: Any = None, rng: bool = True) -> tuple[int, dict]:
     """Restore weights, optimizer, scheduler and this rank's RNG state; return (step, config_dict).
@@ -181,8 +194,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch
         state[alias] = state[kept]
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
     if optimizer is not None:
-        osd = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
-        set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+        _load_optimizer(os.path.join(path, "optimizer.pt"), model, optimizer)
     trainer_state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     if scheduler is not None and trainer_state.get("scheduler") is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])

@@ -157,6 +157,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             _fail(key, value, "an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(key, value, "a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, value, "a number")
         return float(value)

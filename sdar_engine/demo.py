@@ -93,7 +93,7 @@ def _rl(cfg: TrainConfig, method: str, run_dir: Path, env: Any, eval_env: Any) -
 def run_demo(cfg: TrainConfig, output: str | None = None, compare: bool = False,
              eval_untrained: bool = True) -> dict[str, Any]:
     """Run the demo; returns a summary (also written to ``<run>/summary.json``) and prints it."""
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     run_dir = Path(output) if output else default_run_dir(tag="demo")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
@@ -107,17 +107,22 @@ def run_demo(cfg: TrainConfig, output: str | None = None, compare: bool = False,
         summary["success_untrained"] = _eval_only(base, run_dir / "eval_untrained", env, eval_env)
         print(f"[sdar demo] held-out success, untrained tiny model: {summary['success_untrained']:.3f}",
               flush=True)
+    c0 = time.process_time()
     warm = warm_start(base, run_dir, steps, expert_success)
+    summary["warmstart_cpu_seconds"] = time.process_time() - c0
     summary["success_warmstart"] = _eval_only(warm, run_dir / "eval_warmstart", env, eval_env)
     print(f"[sdar demo] held-out success after warm-start: {summary['success_warmstart']:.3f}", flush=True)
     for method in (["grpo", "sdar"] if compare else [cfg.algo.method]):
+        c0 = time.process_time()
         last = _rl(warm, method, run_dir, env, eval_env)
+        summary[f"rl_cpu_seconds_{method}"] = time.process_time() - c0
         summary[f"success_after_{method}"] = last.get("eval/success", float("nan"))
         summary[f"train_success_last_{method}"] = last.get("success", float("nan"))
         summary[f"rl_seconds_{method}"] = last["rl_seconds"]
         print(f"[sdar demo] held-out success after {method} RL ({cfg.train.steps} steps): "
               f"{summary[f'success_after_{method}']:.3f}", flush=True)
     summary["total_seconds"] = time.perf_counter() - t_start
+    summary["main_process_cpu_seconds"] = time.process_time() - c_start  # load-independent cost
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
     return summary
@@ -132,7 +137,8 @@ def _eval_only(cfg: TrainConfig, run_dir: Path, env: Any, eval_env: Any) -> floa
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"[sdar demo] run dir: {summary['run_dir']}  ({summary['total_seconds'] / 60:.1f} min)",
+    lines = [f"[sdar demo] run dir: {summary['run_dir']}  ({summary['total_seconds'] / 60:.1f} min wall, "
+             f"{summary['main_process_cpu_seconds'] / 60:.1f} min CPU in the main process)",
              f"[sdar demo] held-out {summary['env']} success over {summary['eval_tasks']} games:"]
     for key in sorted(k for k in summary if k.startswith("success_")):
         lines.append(f"[sdar demo]   {key[len('success_'):]:<16} {summary[key]:.3f}")

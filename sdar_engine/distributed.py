@@ -60,8 +60,9 @@ def _decoder_layers(model: Any) -> list:
 def wrap_fsdp(model: Any) -> Any:
     """Shard ``model`` with FSDP2: ``fully_shard`` each decoder layer, then the root.
 
-    Gradients are summed over ranks (divide factor 1): the loss already divides by the
-    global token count. ``sdar_head_forward`` is registered as a forward so the root's
+    FSDP averages gradients over ranks while the loss already divides by the global token
+    count, so the update multiplies its loss by ``grad_scale()`` (= world size) before backward
+    (gloo has no PREMUL_SUM, which ``set_gradient_divide_factor(1.0)`` would need). ``sdar_head_forward`` is registered as a forward so the root's
     parameters (embedding, norm, lm_head) are gathered for the fused loss. Build the
     optimizer after this call. A no-op returning ``model`` without a process group.
     """
@@ -78,11 +79,14 @@ def wrap_fsdp(model: Any) -> Any:
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    for module in [model] + _decoder_layers(model):
-        module.set_gradient_divide_factor(1.0)
     register_fsdp_forward_method(model, "sdar_head_forward")
     log.info("FSDP2 fully_shard over %d ranks (%s)", world_size(), device_type)
     return model
+
+
+def grad_scale() -> float:
+    """Factor on the loss before backward that turns FSDP's gradient mean over ranks into a sum."""
+    return float(world_size()) if is_distributed() else 1.0
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

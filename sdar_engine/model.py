@@ -209,8 +209,12 @@ def _head_forward(self: Any, input_ids: Tensor, position_ids: Tensor, fn: HeadFn
 
 
 def attach_head_forward(model: Any) -> None:
-    """Give ``model`` a ``sdar_head_forward`` method (FSDP2 registers it as a forward)."""
-    if not hasattr(model, "sdar_head_forward"):
+    """Give ``model`` a ``sdar_head_forward`` method (FSDP2 registers it as a forward).
+
+    Re-attached when the method found is bound to another object (a copy made by
+    ``copy.copy`` or pickling must never run the original model's forward)."""
+    method = getattr(model, "sdar_head_forward", None)
+    if method is None or getattr(method, "__self__", None) is not model:
         model.sdar_head_forward = types.MethodType(_head_forward, model)
 
 

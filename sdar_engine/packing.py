@@ -144,9 +144,12 @@ def karmarkar_karp(weights: Sequence[int], k: int) -> list[list[int]]:
 
 
 def _rows(lengths: dict[int, int], row_tokens: Optional[int]) -> list[list[int]]:
-    """First-fit-decreasing of sample indices into rows of at most max(row_tokens, longest)."""
+    """First-fit-decreasing of sample indices into rows of at most max(row_tokens, longest);
+    row_tokens 0: one sample per row (a plain padded batch), None: one row for all."""
     if row_tokens is None:
         return [sorted(lengths)]
+    if row_tokens == 0:
+        return [[i] for i in sorted(lengths, key=lambda j: (-lengths[j], j))]
     cap = max([row_tokens] + list(lengths.values()))
     rows: list[tuple[int, list[int]]] = []
     for i in sorted(lengths, key=lambda j: (-lengths[j], j)):
@@ -207,8 +210,9 @@ def pack(samples: Sequence[Sample], max_tokens: int, use_teacher_prompt: bool = 
     """
     if not isinstance(max_tokens, int) or max_tokens < 2:
         raise ValueError(f"max_tokens={max_tokens!r} is invalid; expected an integer >= 2")
-    if row_tokens is not None and (not isinstance(row_tokens, int) or row_tokens < 2):
-        raise ValueError(f"row_tokens={row_tokens!r} is invalid; expected None or an integer >= 2")
+    if row_tokens is not None and (not isinstance(row_tokens, int) or row_tokens < 0 or row_tokens == 1):
+        raise ValueError(f"row_tokens={row_tokens!r} is invalid; expected None (one stream), 0 (one "
+                         "sample per row) or an integer >= 2 (row length cap)")
     for i, s in enumerate(samples):
         _check_sample(i, s, use_teacher_prompt)
     lengths = [s.length(use_teacher_prompt) for s in samples]

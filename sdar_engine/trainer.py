@@ -204,7 +204,7 @@ class Trainer:
         """Held-out success at ``rollout.eval_temperature``; does not disturb the training RNG."""
         cfg = self.cfg
         tasks = eval_tasks(self.eval_env.task_ids, cfg.env.eval_tasks if n_tasks is None else n_tasks)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.train.seed + 7_777)
             temp = cfg.rollout.eval_temperature
             ro = run_episodes(self.eval_env, self.backend, self.tokenizer, task_ids=tasks, group_size=1,

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .distributed import all_reduce_max, all_reduce_sum
+from .distributed import all_reduce_max, all_reduce_sum, grad_scale
 from .logprobs import model_device, pack_for_ranks, score_samples
 from .model import head_forward
 from .packing import MicroBatch, Sample, describe
@@ -97,7 +97,7 @@ def _micro_step(model: Any, mb: MicroBatch, samples: Sequence[Sample], cfg: Any,
 
     with _autocast(device, autocast_dtype):
         loss, metrics = head_forward(model, mb_dev.input_ids, mb_dev.position_ids, head)
-    loss.backward()
+    (loss * grad_scale()).backward()  # FSDP averages over ranks; the loss is already global
     return loss.detach(), metrics
 
 

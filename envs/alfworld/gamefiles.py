@@ -21,7 +21,7 @@ import alfworld
 from alfworld.agents.utils.misc import add_task_to_grammar
 
 from .catalog import MAX_STEPS
-from .engine import engine_guard, open_engine, release_engine
+from .engine import engine_guard, open_engine, release_engine, retarget_engine
 from .problem import RoomSpec, problem_pddl
 
 GAME_FILE = "game.tw-pddl"
@@ -52,22 +52,18 @@ def build_game_data(spec: RoomSpec, rng: random.Random) -> dict:
     return {"pddl_domain": domain, "grammar": filled, "pddl_problem": problem_pddl(spec)}
 
 
-def expert_rollout(game_file: str, rng: random.Random, max_steps: int = MAX_STEPS,
-                   keep_engine: bool = True) -> tuple[bool, list[str]]:
-    """Play the (fixed) handcoded expert on ``game_file``; returns (won, actions)."""
+def expert_rollout(env, max_steps: int = MAX_STEPS) -> tuple[bool, list[str]]:
+    """Play the (fixed) handcoded expert on a loaded engine; returns (won, actions).
+
+    Call inside ``engine_guard`` (which supplies the expert's random stream).
+    """
     actions: list[str] = []
-    with engine_guard(rng):
-        env = open_engine(game_file)
-        try:
-            state = env.reset()
-            while not state["won"] and len(actions) < max_steps:
-                action = state["extra.expert_plan"][0]
-                state, _, _ = env.step(action)
-                actions.append(action)
-            won = bool(state["won"])
-        finally:
-            release_engine(game_file, env, keep=keep_engine)
-    return won, actions
+    state = env.reset()
+    while not state["won"] and len(actions) < max_steps:
+        action = state["extra.expert_plan"][0]
+        state, _, _ = env.step(action)
+        actions.append(action)
+    return bool(state["won"]), actions
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -89,21 +85,27 @@ def write_game_dir(dest: Path, spec: RoomSpec, seed_key: str) -> tuple[bool, lis
     start = time.perf_counter()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    env, published = None, False
     try:
         data = build_game_data(spec, random.Random(f"grammar|{seed_key}"))
-        traj = spec.traj_data()
-        write_json_atomic(tmp / TRAJ_FILE, traj)
+        write_json_atomic(tmp / TRAJ_FILE, spec.traj_data())
         write_json_atomic(tmp / GAME_FILE, data)
-        won, walk = expert_rollout(str(tmp / GAME_FILE), random.Random(f"check|{seed_key}"),
-                                   keep_engine=False)
+        with engine_guard(random.Random(f"check|{seed_key}")):
+            env = open_engine(str(tmp / GAME_FILE))
+            won, walk = expert_rollout(env)
         data.update(solvable=won, walkthrough=walk)
         write_json_atomic(tmp / GAME_FILE, data)
         try:
             os.rename(tmp, dest)
-        except OSError:
+            published = True
+        except OSError:  # another process published this game first: theirs is identical
             if not (dest / GAME_FILE).exists():
                 raise
     finally:
+        if env is not None:
+            if published:  # the next game of this file reuses the loaded engine
+                retarget_engine(env, str(dest / GAME_FILE))
+            release_engine(str(dest / GAME_FILE), env, keep=published)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return won, walk, time.perf_counter() - start

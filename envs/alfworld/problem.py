@@ -26,6 +26,7 @@ def mangle(text: str) -> str:
 
 @dataclass
 class Receptacle:
+    """A static receptacle at its own location."""
     cls: str        # ALFRED class, e.g. "Cabinet" or "SinkBasin"
     rid: str        # ALFRED id before mangling, e.g. "Sink|+01.00|+00.90|-00.50|SinkBasin"
     loc: str        # "loc|x|z|rot|hor"
@@ -33,6 +34,7 @@ class Receptacle:
 
 @dataclass
 class Obj:
+    """An object (or the desk lamp) inside ``RoomSpec.receptacles[parent]``."""
     cls: str
     oid: str
     parent: int     # index into RoomSpec.receptacles

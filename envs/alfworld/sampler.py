@@ -130,7 +130,9 @@ def sample_spec(rng: random.Random, task_type: str, room_size: str = "small",
     size = ROOM_SIZES[room_size]
     for _ in range(_MAX_TRIES):
         room = rng.choice(VALID_ROOMS[task_type])
-        obj, parent = rng.choice(_combo_candidates(task_type, room))
+        combos = _combo_candidates(task_type, room)
+        obj = rng.choice(sorted({o for o, _ in combos}))  # object first, so receptacles that
+        parent = rng.choice([r for o, r in combos if o == obj])  # hold anything don't dominate
         toggle = LAMP if task_type == "look_at_obj_in_light" else ""
         if combo_is_test(task_type, obj, parent or toggle) != test:
             continue

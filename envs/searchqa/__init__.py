@@ -73,14 +73,26 @@ def _split(items: list[Question], seed: int, test_fraction: float) -> dict[str, 
     return out
 
 
+_OPTION_NAMES = ("corpus_path", "questions_path", "test_questions_path", "per_type",
+                 "test_fraction", "topk", "max_turns", "world_scale", "world_seed")
+
+
 def build_suite(seed: int = 0, corpus_path: str | Path | None = None,
                 questions_path: str | Path | None = None,
                 test_questions_path: str | Path | None = None, per_type: int = 300,
                 test_fraction: float = 0.2, topk: int = 3, max_turns: int = MAX_TURNS,
-                world_scale: int = 1) -> SearchSuite:
-    """Generated data by default (``per_type`` questions per task type, ``world_scale`` times
-    the default entity counts); real data when ``corpus_path`` and ``questions_path`` are given
-    (``test_questions_path`` optional: else ``test_fraction`` of the questions are held out)."""
+                world_scale: int = 1, world_seed: int = 0, **unknown: object) -> SearchSuite:
+    """Generated data by default; real data when ``corpus_path`` and ``questions_path`` are given.
+
+    Generated: ``per_type`` questions per task type over a world of ``world_scale`` times the
+    default entity counts. The world, questions and split depend on ``world_seed`` only, not
+    on ``seed`` (which only picks the tasks BatchEnv draws), so a train env and an eval env
+    with different seeds still see disjoint splits of one world. Real data:
+    ``test_questions_path`` is optional (else ``test_fraction`` of the questions are held out).
+    """
+    if unknown:
+        raise ValueError(f"searchqa options {sorted(unknown)} are not valid; use any of "
+                         f"{list(_OPTION_NAMES)}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction!r} is not valid; use 0 < x < 1")
     if (corpus_path is None) != (questions_path is None):
@@ -92,15 +104,15 @@ def build_suite(seed: int = 0, corpus_path: str | Path | None = None,
         if test_questions_path is not None:
             splits = {"train": train, "test": load_questions_jsonl(test_questions_path)}
         else:
-            splits = _split(train, seed, test_fraction)
+            splits = _split(train, world_seed, test_fraction)
         return SearchSuite(docs, splits, topk=topk, max_turns=max_turns,
                            index_cache=corpus_cache_dir(corpus_path))
     if not isinstance(world_scale, int) or world_scale < 1:
         raise ValueError(f"world_scale={world_scale!r} is not valid; use an int >= 1")
     s = world_scale
-    world = generate_world(seed, people=240 * s, cities=80 * s, companies=70 * s,
+    world = generate_world(world_seed, people=240 * s, cities=80 * s, companies=70 * s,
                            rivers=30 * s, countries=16 * s)
-    questions = generate_questions(world, seed, per_type)
+    questions = generate_questions(world, world_seed, per_type)
     items = [q for t in TASK_TYPES for q in questions[t]]
-    return SearchSuite(passages(world), _split(items, seed, test_fraction), topk=topk,
+    return SearchSuite(passages(world), _split(items, world_seed, test_fraction), topk=topk,
                        max_turns=max_turns)

@@ -25,7 +25,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .lexicon import BRANDS, DEPARTMENTS, STYLE_WORDS, ProductType, all_product_types
+from .lexicon import (BRANDS, DEPARTMENTS, PRODUCT_TYPES, STYLE_WORDS, ProductType,
+                      all_product_types)
 
 log = logging.getLogger("sdar_envs.webshop")
 
@@ -156,7 +157,10 @@ def ensure_catalogue(seed: int, num_products: int) -> Path:
     if not isinstance(num_products, int) or not 50 <= num_products <= 100_000:
         raise ValueError(f"num_products={num_products!r} is not valid; use an int in "
                          f"[50, 100000] (the results page lists the top 50)")
-    key = hashlib.sha1(f"v{GENERATOR_VERSION}/{seed}/{num_products}".encode()).hexdigest()[:12]
+    # The key covers the lexicon too, so editing it never serves a stale cached catalogue.
+    recipe = repr((GENERATOR_VERSION, seed, num_products, PRODUCT_TYPES, BRANDS, STYLE_WORDS,
+                   DEPARTMENTS, PRICE_BANDS, _TEMPLATES))
+    key = hashlib.sha1(recipe.encode()).hexdigest()[:12]
     folder = cache_root() / "webshop" / f"catalogue-{key}"
     done = folder / "items_ins_v2.json"
     if not done.exists():

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .pages import PER_PAGE, SUB_PAGES
-from .loader import Product
+from .pages import PER_PAGE, SUB_PAGES, option_owner
 
 if TYPE_CHECKING:
     from .game import WebShopGame
@@ -22,11 +21,6 @@ if TYPE_CHECKING:
 def _query(text: str) -> str:
     # "[" / "]" would break WebShop's action regex; collapse whitespace as a user would.
     return " ".join(text.replace("[", " ").replace("]", " ").lower().split())
-
-
-def _owner(product: Product, value: str) -> str | None:
-    """The option name a click on ``value`` sets (the first option listing it)."""
-    return next((n for n, vals in product.options.items() if value in vals), None)
 
 
 def expert_action(game: "WebShopGame") -> str:
@@ -48,6 +42,6 @@ def expert_action(game: "WebShopGame") -> str:
     if state.page in SUB_PAGES or state.asin != goal.asin:
         return "click[< prev]"
     for name, value in goal.goal_options:
-        if state.options.get(name) != value and _owner(target, value) == name:
+        if state.options.get(name) != value and option_owner(target, value) == name:
             return f"click[{value}]"
     return "click[buy now]"

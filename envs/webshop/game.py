@@ -9,10 +9,12 @@ The game reward is 10 when that raw reward is 1.0, else 0; ``info["score"]`` is 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from .expert import expert_action
 from .goals import Goal
-from .pages import PageState, admissible_actions as _admissible, clickables, do_click, do_search, render
+from .pages import (SEP, PageState, admissible_actions as _admissible, clickables, do_click,
+                    do_search, render)
 from .reward import RewardInfo, purchase_reward
 from .world import World
 
@@ -113,10 +115,15 @@ class WebShopGame:
         asin = self.state.asin
         self.purchase = purchase_reward(self.world.products[asin], self.world.prices[asin],
                                         self.state.options, self.goal, self.world.nouns)
+        self.state = replace(self.state, page="done")
         self.done = True
 
     def observation(self) -> str:
         """The current page as text (WebShop text mode, or verl-agent's form)."""
+        if self.purchase is not None:
+            # WebShop's done page, less its MTurk code and hidden debug fields.
+            return SEP.join(["Thank you for shopping with us!", "Your score (min 0.0, max 1.0)",
+                             str(self.purchase.total)])
         obs = render(self.state, self.goal.instruction_text, self.world.products)
         if self.world.options.obs_mode == "va":
             return format_obs_va(obs, self.goal.instruction_text)

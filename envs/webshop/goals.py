@@ -1,8 +1,8 @@
 """Synthetic goals in WebShop's instruction form and the train/test split.
 
 Follows ``web_agent_site/engine/goal.py::get_synthetic_goals``: one goal per product and per
-combination of its option values (option names sorted); text = instruction (trailing "."
-dropped) + " with name: value, and name: value" + ", and price lower than U dollars", where
+combination of its option values (option names sorted); text = instruction (as stored) +
+" with name: value, and name: value" + ", and price lower than U dollars", where
 U is the larger of two draws from the first four multiples of 10 above the product's price
 (no price clause, U = 1e6, when fewer than two exist). The goal list is shuffled with seed
 233 and, as in verl-agent, the first ``num_test_goals`` goals are the test split.
@@ -50,7 +50,7 @@ def product_goals(product: Product, price: float, rng: random.Random) -> list[Go
         return []
     upper, price_text = _price_clause(rng, price)
     names = sorted(product.options)
-    base = product.instruction_text.strip().strip(".")
+    base = product.instruction_text
     goals = []
     for combo in itertools.product(*(product.options[n] for n in names)):
         pairs = tuple(zip(names, combo))

@@ -19,7 +19,7 @@ class ProductType:
     path: category levels below the top-level department, joined by WebShop's " › ".
     attrs: attribute phrases a product may carry (goal attributes are drawn from these).
     options: option name -> pool of values (a product offers a subset of each pool).
-    extra_nouns: nouns that may appear in a title after the type ("for dry hair").
+    tails: phrases a title may end with ("for men and women"); their nouns are in NOUNS.
     """
 
     query: str

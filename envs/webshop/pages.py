@@ -1,18 +1,20 @@
 """WebShop's text-mode pages: state, available actions, transitions and rendering.
 
-Pages (``web_agent_site`` templates, text mode = visible strings joined by " [SEP] "):
+Pages (the ``web_agent_site`` templates of the text env; text mode = visible strings joined
+by " [SEP] "):
 
 * search:  ``WebShop [SEP] Instruction: [SEP] <goal> [SEP] Search``
-* results: header + ``Back to Search [SEP] Page n (Total results: N) [SEP] [< Prev] [SEP]
-  [Next >] [SEP] <ASIN> [SEP] <Title> [SEP] <price> …`` (10 per page, top 50)
-* item:    header + ``Back to Search [SEP] < Prev [SEP] <option name> [SEP] <value> … [SEP]
-  <Title> [SEP] Price: <price> [SEP] Rating: N.A. [SEP] Description [SEP] Features [SEP]
-  Reviews [SEP] Buy Now``
-* description / features / reviews: header + ``Back to Search [SEP] < Prev [SEP] <content>``
+* results: ``Instruction: [SEP] <goal> [SEP] Back to Search [SEP] Page n (Total results: N)
+  [SEP] [< Prev [SEP]] Next > [SEP] <ASIN> [SEP] <Title> [SEP] <price> …`` (10 per page of
+  the top 50; "< Prev" from page 2 on, "Next >" always, past the last page the list is empty)
+* item:    ``Instruction: [SEP] <goal> [SEP] Back to Search [SEP] < Prev [SEP] <option name>
+  [SEP] <value> … [SEP] <Title> [SEP] Price: <price> [SEP] Rating: N.A. [SEP] Description
+  [SEP] Features [SEP] Reviews [SEP] Buy Now``
+* description / features / reviews: ``… Back to Search [SEP] < Prev [SEP] <content>``
 
 Available actions follow ``get_available_actions``: ``has_search_bar`` (search page only, unless
 ``search_anywhere``, which mirrors the text env's acceptance of ``search[…]`` on any page) and
-``clickables`` (lowercase button texts, lowercase ASINs on results, option values on items).
+``clickables``: lowercase button texts and ASIN links in page order, then option values.
 """
 from __future__ import annotations
 
@@ -31,16 +33,12 @@ ITEM_BUTTONS = ("description", "features", "reviews", "buy now")
 class PageState:
     """Where the shopper is; every transition returns a new state."""
 
-    page: str = "search"              # search | results | item | description | features | reviews
+    page: str = "search"   # search | results | item | description | features | reviews | done
     query: str = ""
     results: tuple[str, ...] = ()     # ranked ASINs of the last search (at most 50)
     page_num: int = 1
     asin: str | None = None           # the item being viewed
     options: dict[str, str] = field(default_factory=dict)  # option name -> chosen value
-
-    @property
-    def num_pages(self) -> int:
-        return max(1, -(-len(self.results) // PER_PAGE))
 
     def page_asins(self) -> tuple[str, ...]:
         start = (self.page_num - 1) * PER_PAGE
@@ -49,21 +47,20 @@ class PageState:
 
 def clickables(state: PageState, products: dict[str, Product]) -> list[str]:
     """Lowercase texts ``click[…]`` accepts on the current page."""
-    if state.page == "search":
+    if state.page in ("search", "done"):
         return []
     out = ["back to search"]
     if state.page == "results":
         if state.page_num > 1:
             out.append("< prev")
-        if state.page_num < state.num_pages:
-            out.append("next >")
+        out.append("next >")
         out.extend(a.lower() for a in state.page_asins())
         return out
     out.append("< prev")
     if state.page == "item":
+        out.extend(ITEM_BUTTONS)
         for values in products[state.asin].options.values():
             out.extend(v for v in values if v not in out)
-        out.extend(ITEM_BUTTONS)
     return out
 
 
@@ -95,24 +92,29 @@ def do_click(state: PageState, target: str, products: dict[str, Product]) -> Pag
         return replace(state, page="results", asin=None, options={})
     if target in SUB_PAGES:
         return replace(state, page=target)
-    for name, values in products[state.asin].options.items():
-        if target in values:
-            return replace(state, options={**state.options, name: target})
+    name = option_owner(products[state.asin], target)
+    if name is not None:
+        return replace(state, options={**state.options, name: target})
     return state  # "buy now" is handled by the game
+
+
+def option_owner(product: Product, value: str) -> str | None:
+    """The option a click on ``value`` sets: the last option listing it (WebShop keeps the last
+    radio button of a repeated value in its text -> clickable map)."""
+    owners = [name for name, values in product.options.items() if value in values]
+    return owners[-1] if owners else None
 
 
 def render(state: PageState, instruction: str, products: dict[str, Product]) -> str:
     """The text-mode observation of ``state``."""
-    parts = ["WebShop", "Instruction:", instruction]
     if state.page == "search":
-        return SEP.join(parts + ["Search"])
-    parts.append("Back to Search")
+        return SEP.join(["WebShop", "Instruction:", instruction, "Search"])
+    parts = ["Instruction:", instruction, "Back to Search"]
     if state.page == "results":
         parts.append(f"Page {state.page_num} (Total results: {len(state.results)})")
         if state.page_num > 1:
             parts.append("< Prev")
-        if state.page_num < state.num_pages:
-            parts.append("Next >")
+        parts.append("Next >")
         for asin in state.page_asins():
             product = products[asin]
             parts.extend([asin, product.title, product.price_tag])

@@ -12,6 +12,7 @@ nothing today because no atomic fast path is shipped.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -33,6 +34,11 @@ def _torch_backend():
     return chunked
 
 
+def _on_device(t: Tensor):
+    """Launch on the tensors' GPU, not on whatever device happens to be current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _empty_stats(hidden: Tensor, spec: StatsSpec) -> Stats:
     z = hidden.new_zeros(0, dtype=torch.float32)
     teacher = spec.divergence != "none"
@@ -52,10 +58,12 @@ def stats_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target
     if hidden.shape[0] == 0:
         return _empty_stats(hidden, spec)
     teacher = spec.divergence != "none"
-    return stats_forward_triton(
-        rowmajor(hidden), rowmajor(weight), rowmajor(bias), rowmajor(targets),
-        rowmajor(teacher_hidden) if teacher else None, rowmajor(teacher_weight) if teacher else None,
-        rowmajor(teacher_bias) if teacher else None, spec)
+    with _on_device(hidden):
+        return stats_forward_triton(
+            rowmajor(hidden), rowmajor(weight), rowmajor(bias), rowmajor(targets),
+            rowmajor(teacher_hidden) if teacher else None,
+            rowmajor(teacher_weight) if teacher else None,
+            rowmajor(teacher_bias) if teacher else None, spec)
 
 
 def stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
@@ -79,7 +87,8 @@ def stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
                 torch.zeros_like(weight) if need_weight else None,
                 torch.zeros_like(bias) if need_bias else None)
     grads = [None if g is None else rowmajor(g.float()) for g in (g_logp, g_entropy, g_div)]
-    return stats_backward_triton(
-        rowmajor(hidden), rowmajor(weight), rowmajor(bias), rowmajor(targets),
-        rowmajor(teacher_hidden), rowmajor(teacher_weight), rowmajor(teacher_bias), spec, stats,
-        *grads, need_hidden, need_weight, need_bias)
+    with _on_device(hidden):
+        return stats_backward_triton(
+            rowmajor(hidden), rowmajor(weight), rowmajor(bias), rowmajor(targets),
+            rowmajor(teacher_hidden), rowmajor(teacher_weight), rowmajor(teacher_bias), spec,
+            stats, *grads, need_hidden, need_weight, need_bias)

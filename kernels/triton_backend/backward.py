@@ -65,13 +65,14 @@ def stats_backward_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     n_tok = triton.cdiv(n, cfg.block_n)
     scratch = torch.empty((n, width), device=hidden.device, dtype=hidden.dtype)
     dbp = torch.empty((n_tok, width), device=hidden.device, dtype=torch.float32) if need_bias else scratch
-    dh = torch.zeros((n, h), device=hidden.device, dtype=torch.float32) if need_hidden else None
+    single = width >= vocab  # one chunk: dL/dh is one GEMM over all of V, no fp32 buffer
+    dh = torch.zeros((n, h), device=hidden.device, dtype=torch.float32) if need_hidden and not single else None
     dw = torch.empty_like(weight) if need_weight else None
     db = torch.empty(vocab, device=hidden.device, dtype=torch.float32) if need_bias else None
     placeholder = stats.lse
     for v0 in range(0, vocab, width):
         v1 = min(v0 + width, vocab)
-        dlogits_kernel[(n_tok, triton.cdiv(v1 - v0, cfg.block_v))](
+        dlogits_kernel[(n_tok * triton.cdiv(v1 - v0, cfg.block_v),)](
             hidden, weight, bias if bias is not None else hidden, targets, th, tw,
             t_bias if (t_bias is not None and div) else th, stats.lse,
             _or(stats.entropy, placeholder), _or(stats.teacher_lse, placeholder),
@@ -84,7 +85,9 @@ def stats_backward_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
             HAS_TBIAS=t_bias is not None and bool(div), WRITE_DB=need_bias,
             **kernel_flags(hidden, th.shape[1], cfg), **launch_kwargs(cfg))
         dz = scratch[:, : v1 - v0]
-        if need_hidden:
+        if need_hidden and single:
+            dh = torch.mm(dz, weight)
+        elif need_hidden:
             _accumulate_dh(dh, dz, weight[v0:v1])
         if need_weight:
             torch.mm(dz.t(), hidden, out=dw[v0:v1])

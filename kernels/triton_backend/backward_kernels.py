@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .forward_kernels import jsd_terms
-from .tiles import logit_tile
+from .tiles import NEG_BIG, grouped_tile, logit_tile
 
 
 @triton.jit
@@ -37,9 +37,8 @@ def dlogits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr,
                    HAS_GL: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
                    DIV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
                    WRITE_DB: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KT: tl.constexpr,
-                   IEEE: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr, GROUP_N: tl.constexpr):
+    pid_n, pid_v = grouped_tile(tl.cdiv(N, BN), tl.cdiv(v_hi - v_lo, BV), GROUP_N)
     rows = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = v_lo + pid_v * BV + tl.arange(0, BV)
@@ -51,7 +50,9 @@ def dlogits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr,
     dz = tl.zeros((BN, BV), tl.float32)
     if tl.max(active.to(tl.int32), 0) > 0:
         z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, v_hi, H, stride_h, stride_w, inv_tau,
-                       BN, BV, BK, HAS_BIAS, EVEN_K, IEEE)
+                       BN, BV, BK, HAS_BIAS, EVEN_K, IEEE, UPCAST)
+        # Finite stand-in for -inf outside V: p = 0 there and no inf - inf NaNs.
+        z = tl.where(col_ok[None, :], z, NEG_BIG)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         logp = z - lse[:, None]
         p = tl.exp(logp)
@@ -62,7 +63,8 @@ def dlogits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr,
             dz -= g_e[:, None] * p * (logp + ent[:, None])
         if HAS_GD and DIV != 0:
             zt = logit_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, N, v_hi, HT, stride_th,
-                            stride_tw, inv_tau, BN, BV, BK, HAS_TBIAS, EVEN_KT, IEEE)
+                            stride_tw, inv_tau, BN, BV, BK, HAS_TBIAS, EVEN_KT, IEEE, UPCAST)
+            zt = tl.where(col_ok[None, :], zt, NEG_BIG)
             tlse = tl.load(tlse_ptr + rows, mask=row_ok, other=0.0)
             if DIV == 1:  # reverse KL(p||q): aux = KL(p||q)
                 aux = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
@@ -73,7 +75,6 @@ def dlogits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr,
                 aux = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
                 lp, lq, log_m, p2, q = jsd_terms(z, zt, lse, tlse, beta)
                 dz += (g_d * (1.0 - beta))[:, None] * p * (lp - log_m - aux[:, None])
-        # Masked columns hold -inf logits (NaN products): select, never multiply.
         dz = tl.where(row_ok[:, None] & col_ok[None, :], dz * inv_tau, 0.0)
     local = cols - v_lo
     ptrs = dz_ptr + rows[:, None].to(tl.int64) * ld_dz + local[None, :]

@@ -62,7 +62,7 @@ def launch_variants(hidden_size: int, arch: int, full: bool = True,
     """Specializations the dispatcher launches at H (teacher H_T = H). full=False keeps, per
     divergence, only the variant with every optional feature on (the most registers)."""
     out = []
-    even = {"EVEN_K": True, "EVEN_KT": True, "IEEE": dtype == torch.float32}
+    even = {"EVEN_K": True, "EVEN_KT": True, "IEEE": dtype == torch.float32, "UPCAST": False}
     for div, ent, bias in itertools.product((0, 1, 2, 3), (False, True), (False, True)):
         if not full and not (ent and bias):
             continue
@@ -85,7 +85,7 @@ def launch_variants(hidden_size: int, arch: int, full: bool = True,
 
 
 def _freeze(flags: dict, cfg: TileConfig) -> tuple[tuple[str, object], ...]:
-    flags = dict(BN=cfg.block_n, BV=cfg.block_v, BK=cfg.block_k, **flags)
+    flags = dict(BN=cfg.block_n, BV=cfg.block_v, BK=cfg.block_k, GROUP_N=cfg.group_n, **flags)
     return tuple(sorted(flags.items()))
 
 

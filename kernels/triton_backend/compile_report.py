@@ -81,7 +81,7 @@ def detail_table(rows: list[dict]) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|"]
     for (arch, kernel, flags, cfg), r in sorted(merged.items(), key=lambda x: (-x[0][0], x[0][1:])):
         hs = ",".join(str(h) for h in r["Hs"])
-        out.append(f"| sm_{arch} | {kernel} | {flags} | {hs} | {cfg} | {r['regs']} | {r['spills']} "
+        out.append(f"| sm_{arch}{'a' if arch == 90 else ''} | {kernel} | {flags} | {hs} | {cfg} | {r['regs']} | {r['spills']} "
                    f"| {r['smem'] / 1024:.0f} | {'yes' if r['wgmma'] else 'no'} |")
     return out
 

@@ -25,6 +25,7 @@ class TileConfig:
     block_n: tokens per program. block_v: vocab columns per inner tile.
     block_k: hidden-dim slice of the K-loop. vocab_per_split: vocab columns one forward
     program walks (a multiple of block_v; 0 = decided from the grid size at launch).
+    group_n: token tiles per program group of the grouped (L2-friendly) launch order.
     """
 
     block_n: int
@@ -33,6 +34,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     vocab_per_split: int = 0
+    group_n: int = 8
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_v", "block_k"):
@@ -54,10 +56,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Interpreter: the smallest legal tiles (fast NumPy steps, many splits to exercise the
-# split-reduction epilogue and ragged tiles).
-_INTERPRET = TileConfig(block_n=16, block_v=32, block_k=16, num_warps=1, num_stages=1,
-                        vocab_per_split=128)
+# Interpreter: small legal tiles (NumPy cost is per op, so not the smallest), many
+# splits to exercise the split-reduction epilogue and ragged tiles.
+_INTERPRET = TileConfig(block_n=32, block_v=64, block_k=32, num_warps=1, num_stages=1,
+                        vocab_per_split=256, group_n=2)
 
 # GPU tables for 16-bit inputs, per architecture family (90 = Hopper and newer, 80 =
 # Ampere/Ada), keyed by the upper bound of H each row serves. Register use does not depend

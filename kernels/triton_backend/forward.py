@@ -48,8 +48,9 @@ def _teacher_args(spec: StatsSpec, t_hidden: Optional[Tensor], t_weight: Optiona
 
 def kernel_flags(hidden: Tensor, h_t: int, cfg: TileConfig) -> dict:
     """Constexpr flags shared by every launch: ragged-K masks and the fp32 dot precision."""
+    upcast = interpreting() and hidden.dtype != torch.float32
     return dict(EVEN_K=hidden.shape[1] % cfg.block_k == 0, EVEN_KT=h_t % cfg.block_k == 0,
-                IEEE=hidden.dtype == torch.float32)
+                IEEE=hidden.dtype == torch.float32 or upcast, UPCAST=upcast, GROUP_N=cfg.group_n)
 
 
 def launch_kwargs(cfg: TileConfig) -> dict:
@@ -71,11 +72,11 @@ def stats_forward_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     vps, n_splits = split_layout(n, vocab, cfg, hidden.device)
     part = torch.empty((N_STATS, n, n_splits), device=hidden.device, dtype=torch.float32)
     z_y = torch.empty(n, device=hidden.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, cfg.block_n), n_splits)
+    grid = (triton.cdiv(n, cfg.block_n) * n_splits,)
     stats_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets,
         th, tw, t_bias if t_bias is not None else th, part, z_y,
-        n, vocab, h, h_t, n * n_splits, hidden.stride(0), weight.stride(0), th.stride(0),
+        n, vocab, h, h_t, n * n_splits, n_splits, hidden.stride(0), weight.stride(0), th.stride(0),
         tw.stride(0), vps, 1.0 / spec.temperature,
         BN=cfg.block_n, BV=cfg.block_v, BK=cfg.block_k, HAS_BIAS=bias is not None,
         HAS_TBIAS=t_bias is not None, WITH_ENT=spec.with_entropy, DIV=div,
@@ -126,11 +127,11 @@ def _jsd_pass(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], th: Tensor
     cfg = choose_config("jsd", max(h, h_t), hidden.dtype, arch=device_arch(hidden.device))
     vps, n_splits = split_layout(n, vocab, cfg, hidden.device)
     part = torch.empty((2, n, n_splits), device=hidden.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, cfg.block_n), n_splits)
+    grid = (triton.cdiv(n, cfg.block_n) * n_splits,)
     jsd_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, th, tw,
         t_bias if t_bias is not None else th, stats.lse, stats.teacher_lse, part,
-        n, vocab, h, h_t, n * n_splits, hidden.stride(0), weight.stride(0), th.stride(0),
+        n, vocab, h, h_t, n * n_splits, n_splits, hidden.stride(0), weight.stride(0), th.stride(0),
         tw.stride(0), vps, 1.0 / spec.temperature, float(spec.jsd_beta),
         BN=cfg.block_n, BV=cfg.block_v, BK=cfg.block_k, HAS_BIAS=bias is not None,
         HAS_TBIAS=t_bias is not None, **kernel_flags(hidden, h_t, cfg), **launch_kwargs(cfg))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import NEG_BIG, logit_tile
+from .tiles import NEG_BIG, grouped_tile, logit_tile
 
 # Rows of the partials buffer written by stats_fwd_kernel (constexpr: read inside kernels).
 STAT_M, STAT_S, STAT_A = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -40,15 +40,13 @@ def _rescaled_update(m_old, s_old, z):
 
 @triton.jit
 def stats_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr, part_ptr, zy_ptr,
-                     N, V, H, HT, plane, stride_h, stride_w, stride_th, stride_tw, vocab_per_split,
+                     N, V, H, HT, plane, n_splits, stride_h, stride_w, stride_th, stride_tw, vocab_per_split,
                      inv_tau,
                      BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, WITH_ENT: tl.constexpr,
                      DIV: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KT: tl.constexpr,
-                     IEEE: tl.constexpr):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+                     IEEE: tl.constexpr, UPCAST: tl.constexpr, GROUP_N: tl.constexpr):
+    pid_n, split = grouped_tile(tl.cdiv(N, BN), n_splits, GROUP_N)
     rows = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < N
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
@@ -65,7 +63,7 @@ def stats_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr, part_pt
     for v0 in range(v_lo, v_hi, BV):
         cols = v0 + tl.arange(0, BV)
         z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, v_hi, H, stride_h, stride_w, inv_tau,
-                       BN, BV, BK, HAS_BIAS, EVEN_K, IEEE)
+                       BN, BV, BK, HAS_BIAS, EVEN_K, IEEE, UPCAST)
         z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
         m_old, s_old = m_s, s_s
         m_s, s_s, c_s, e_s, d_s = _rescaled_update(m_old, s_old, z)
@@ -73,7 +71,7 @@ def stats_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr, part_pt
             a_s = c_s * (a_s + (m_old - m_s) * s_old) + tl.sum(e_s * d_s, 1)
         if DIV != 0:
             zt = logit_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, N, v_hi, HT, stride_th, stride_tw,
-                            inv_tau, BN, BV, BK, HAS_TBIAS, EVEN_KT, IEEE)
+                            inv_tau, BN, BV, BK, HAS_TBIAS, EVEN_KT, IEEE, UPCAST)
             mt_old, st_old = m_t, s_t
             m_t, s_t, c_t, e_t, d_t = _rescaled_update(mt_old, st_old, zt)
             # Accumulators are kept relative to the current (m_s, m_t): when either max moves,
@@ -112,14 +110,12 @@ def jsd_terms(z, zt, lse_s, lse_t, beta):
 
 @triton.jit
 def jsd_fwd_kernel(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, lse_ptr, tlse_ptr, part_ptr,
-                   N, V, H, HT, plane, stride_h, stride_w, stride_th, stride_tw, vocab_per_split,
+                   N, V, H, HT, plane, n_splits, stride_h, stride_w, stride_th, stride_tw, vocab_per_split,
                    inv_tau, beta,
                    BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                   EVEN_KT: tl.constexpr, IEEE: tl.constexpr):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+                   EVEN_KT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, GROUP_N: tl.constexpr):
+    pid_n, split = grouped_tile(tl.cdiv(N, BN), n_splits, GROUP_N)
     rows = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < N
     lse_s = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -131,9 +127,12 @@ def jsd_fwd_kernel(h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr, lse_ptr, tlse_pt
     for v0 in range(v_lo, v_hi, BV):
         cols = v0 + tl.arange(0, BV)
         z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, v_hi, H, stride_h, stride_w, inv_tau,
-                       BN, BV, BK, HAS_BIAS, EVEN_K, IEEE)
+                       BN, BV, BK, HAS_BIAS, EVEN_K, IEEE, UPCAST)
         zt = logit_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, N, v_hi, HT, stride_th, stride_tw,
-                        inv_tau, BN, BV, BK, HAS_TBIAS, EVEN_KT, IEEE)
+                        inv_tau, BN, BV, BK, HAS_TBIAS, EVEN_KT, IEEE, UPCAST)
+        col_ok = cols < v_hi
+        z = tl.where(col_ok[None, :], z, NEG_BIG)  # finite outside V: p = q = 0, no NaNs
+        zt = tl.where(col_ok[None, :], zt, NEG_BIG)
         lp, lq, log_m, p, q = jsd_terms(z, zt, lse_s, lse_t, beta)
         kl_pm += tl.sum(tl.where(p > 0.0, p * (lp - log_m), 0.0), 1)
         kl_qm += tl.sum(tl.where(q > 0.0, q * (lq - log_m), 0.0), 1)

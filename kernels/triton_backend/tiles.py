@@ -17,7 +17,8 @@ NEG_BIG = tl.constexpr(-1.0e30)
 @triton.jit
 def logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_tau,
                BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+               UPCAST: tl.constexpr):
     """fp32 logits [BN, BV] for token rows `rows` and vocab columns `cols` (-inf outside V)."""
     acc = tl.zeros((BN, BV), dtype=tl.float32)
     row_ok = rows < N
@@ -33,6 +34,11 @@ def logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv
         else:
             a = tl.load(h_base + k[None, :], mask=row_ok[:, None] & (k[None, :] < H), other=0.0)
             b = tl.load(w_base + k[None, :], mask=col_ok[:, None] & (k[None, :] < H), other=0.0)
+        if UPCAST:
+            # Interpreter only: its NumPy dot mishandles bf16 (and would accumulate fp16 in
+            # fp16). 16-bit products are exact in fp32, so this matches the GPU's fp32-accumulated MMA.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         if IEEE:
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
         else:
@@ -42,3 +48,19 @@ def logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, inv
         acc = acc + bias[None, :]
     z = acc * inv_tau
     return tl.where(col_ok[None, :], z, float("-inf"))
+
+
+@triton.jit
+def grouped_tile(n_rows_tiles, n_cols, GROUP_N: tl.constexpr):
+    """Map the 1-D program id to (token tile, column index) in groups of GROUP_N token tiles.
+
+    Programs that run at the same time then share GROUP_N hidden tiles and a few weight
+    tiles, so both stay in L2 (the usual grouped GEMM order); a plain token-major order
+    would stream every program's hidden tile from HBM once per vocab tile.
+    """
+    pid = tl.program_id(0)
+    per_group = GROUP_N * n_cols
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(n_rows_tiles - first, GROUP_N)
+    local = pid % per_group
+    return first + local % size, local // size

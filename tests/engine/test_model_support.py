@@ -7,6 +7,10 @@ from typing import Optional
 
 import torch
 
+# One intra-op thread: the 2 shared cores are oversubscribed by parallel test runs, where two
+# spinning OpenMP threads made a tiny forward ~20x slower (measured 2.3 s vs 0.12 s).
+torch.set_num_threads(1)
+
 from sdar_engine.model import ModelConfig, build_tiny, load_policy
 from sdar_engine.packing import Sample
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from sdar_envs import BatchEnv, Game, Suite
 from sdar_envs.prompts import TEACHER_HEADER
@@ -189,11 +190,40 @@ def test_bad_calls_are_clear_errors():
 
 
 def test_import_loads_no_torch():
-    code = "import sdar_envs, sdar_envs.searchqa, sys; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, env=None)
+    code = "import sdar_envs, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_suite_modules_load_no_torch():
+    code = ("import sdar_envs, importlib, sys\n"
+            "for name, status in sdar_envs.available().items():\n"
+            "    if status == 'ok':\n"
+            "        importlib.import_module(sdar_envs.SUITES[name].module)\n"
+            "        assert 'torch' not in sys.modules, name\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_make_unknown_env():
     import sdar_envs
     with pytest.raises(ValueError, match="env name='minecraft'"):
         sdar_envs.make("minecraft")
+
+_ACTIONS = st.sampled_from(["<think>t</think><action>inc</action>", "<think>t</think><action>stop</action>",
+                            "inc", "", "<action>stop</action>", "🙂" * 50])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(_ACTIONS, min_size=4, max_size=4), min_size=1, max_size=9))
+def test_invariants_under_random_play(rounds):
+    env = make_env(seed=3)
+    env.reset(batch_size=2, group_size=2)
+    was_done = [False] * 4
+    for acts in rounds:
+        _, rewards, dones, infos = env.step(acts)
+        for i in range(4):
+            assert dones[i] or not was_done[i]            # done is absorbing
+            assert infos[i]["step"] <= CountGame.max_steps
+            if was_done[i]:
+                assert rewards[i] == 0.0 and infos[i]["penalty"] == 0.0
+            assert infos[i]["penalty"] in (0.0, 0.1)
+        was_done = dones

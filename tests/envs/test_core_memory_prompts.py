@@ -40,3 +40,10 @@ def test_teacher_prompt_and_raw_actions_roundtrip():
     assert project(to_raw_action("search[a b]", "search"), "search") == ("search[a b]", True)
     assert project(to_raw_action("answer[Paris]", "search"), "search") == ("answer[Paris]", True)
     assert to_raw_action("", "action") == ""
+
+
+def test_history_observations_are_clipped():
+    m = Memory()
+    m.add("x" * 5000, "look", "y")
+    line = m.render(2)
+    assert len(line) < 400 and line.endswith("…', Action 1: 'look']")

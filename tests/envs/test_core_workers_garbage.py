@@ -25,11 +25,11 @@ def _suite_or_skip(name):
         pytest.skip(f"{name}: {status}")
 
 
-@pytest.mark.parametrize("name", ["searchqa", "webshop"])
+@pytest.mark.parametrize("name", ["searchqa", "webshop", "alfworld"])
 def test_garbage_actions_give_flag_penalty_and_feedback(name):
     _suite_or_skip(name)
-    env = sdar_envs.make(name, split="test", seed=0)
-    env.reset(batch_size=len(GARBAGE))
+    env = sdar_envs.make(name, split="test", seed=0, num_workers=0)
+    env.reset(batch_size=1, group_size=len(GARBAGE))
     before = [env.observation(i) for i in range(env.num_envs)]
     obs, rewards, dones, infos = env.step(GARBAGE)
     penalty = 0.01 if name == "searchqa" else 0.1
@@ -39,6 +39,8 @@ def test_garbage_actions_give_flag_penalty_and_feedback(name):
             assert info["penalty"] == pytest.approx(penalty)
             if name == "webshop":  # the unchanged page
                 assert obs[i] == before[i]
+            elif name == "alfworld":
+                assert obs[i] == "Nothing happens."
             else:
                 assert "My previous action is invalid" in obs[i]
     assert sum(not i["is_action_valid"] for i in infos) >= len(GARBAGE) - 2

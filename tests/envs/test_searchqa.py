@@ -24,12 +24,14 @@ def test_splits_disjoint_and_ids_well_formed(suite):
     assert {tid.split("/")[2] for tid in test} == {"single_hop", "multi_hop", "comparison"}
 
 
-def test_same_seed_same_suite():
-    a, b = build_suite(seed=3), build_suite(seed=3)
+def test_same_world_seed_same_suite():
+    a, b = build_suite(world_seed=3), build_suite(seed=9, world_seed=3)  # env seed: no effect
     assert a.task_ids("test") == b.task_ids("test") and a.docs == b.docs
     assert [a.question(t).question for t in a.task_ids("test")[:20]] == \
         [b.question(t).question for t in b.task_ids("test")[:20]]
-    assert build_suite(seed=4).docs != a.docs
+    assert build_suite(world_seed=4).docs != a.docs
+    with pytest.raises(ValueError, match="options \\['colour'\\] are not valid"):
+        build_suite(colour="red")
 
 
 def test_passages_are_wiki18_form(suite):
@@ -141,3 +143,12 @@ def test_worker_pool_matches_in_process():
                 assert env._runner.torch_loaded == [False, False]
             results.append(trace)
     assert results[0] == results[1]
+
+
+def test_train_and_eval_envs_with_different_seeds_stay_disjoint():
+    train = sdar_envs.make("searchqa", split="train", seed=0)
+    test = sdar_envs.make("searchqa", split="test", seed=1000)
+    assert not set(train.task_ids) & set(test.task_ids)
+    train_q = {train._runner.suite.question(t).question for t in train.task_ids}
+    test_q = {test._runner.suite.question(t).question for t in test.task_ids}
+    assert not train_q & test_q

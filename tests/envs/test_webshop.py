@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,8 @@ def test_expert_episode_gives_env_reward_ten_and_info(suite):
         _, reward, done, info = game.step(game.expert_action())
         total += reward
     assert total == 10.0 and info["won"] and info["score"] == 1.0
+    assert game.observation() == ("Thank you for shopping with us! [SEP] "
+                                  "Your score (min 0.0, max 1.0) [SEP] 1.0")
     assert game.steps <= game.max_steps == 15
     assert game.expert_action() == "" and info["admissible_actions"] == []
 
@@ -122,7 +125,8 @@ def test_pages_navigation_and_clickables(suite):
     assert obs.startswith("WebShop [SEP] Instruction: [SEP] ") and obs.endswith(" [SEP] Search")
     assert info["admissible_actions"] == ["search[<your query>]"]
     obs, *_ , info = game.step("search[black white large small premium classic]")
-    assert "Page 1 (Total results: 50) [SEP] Next > [SEP]" in obs
+    assert obs.startswith("Instruction: [SEP] ")
+    assert "[SEP] Back to Search [SEP] Page 1 (Total results: 50) [SEP] Next > [SEP] B0" in obs
     assert "click[< prev]" not in info["admissible_actions"]
     assert sum(a.startswith("click[b0") for a in info["admissible_actions"]) == 10
     obs, *_ , info = game.step("click[next >]")
@@ -142,6 +146,41 @@ def test_pages_navigation_and_clickables(suite):
     assert game.state.page == "results" and game.state.page_num == 2
     game.step("click[back to search]")
     assert game.state.page == "search"
+
+
+def test_next_past_the_last_page_shows_an_empty_list(suite):
+    game = suite.make_game(suite.task_ids("test")[4])
+    game.reset()
+    game.step("search[black white large small premium classic]")
+    for _ in range(5):
+        obs, *_, info = game.step("click[next >]")
+    assert obs.endswith("Page 6 (Total results: 50) [SEP] < Prev [SEP] Next >")
+    assert info["admissible_actions"] == ["click[back to search]", "click[< prev]",
+                                          "click[next >]"]
+
+
+def test_search_anywhere_option_accepts_search_on_item_pages(suite, tmp_path, monkeypatch):
+    monkeypatch.setenv("SDAR_CACHE", str(tmp_path))
+    anywhere = build_suite(num_products=400, search_anywhere=True)
+    game = anywhere.make_game(anywhere.task_ids("test")[0])
+    _goto_item(game)
+    assert game.admissible_actions()[0] == "search[<your query>]"
+    _, _, _, info = game.step("search[red shoes]")
+    assert info["action_accepted"] and game.state.page == "results"
+
+
+def test_a_repeated_option_value_sets_the_last_option_listing_it():
+    from sdar_envs.webshop.pages import option_owner
+    product = replace(_any_product(), options={"color": ["black", "red"], "style": ["black"]})
+    assert option_owner(product, "black") == "style" and option_owner(product, "red") == "color"
+    assert option_owner(product, "blue") is None
+
+
+def _any_product():
+    from sdar_envs.webshop.loader import Product
+    return Product(asin="B0X", title="t", category="c", query="q", product_category="a › b",
+                   description="", bullets=("",), price_tag="$1.0", pricing=(1.0,), options={},
+                   attributes=("x",), instruction_text=None, instruction_attributes=())
 
 
 def test_search_ranks_exact_title_first(suite):
@@ -243,3 +282,23 @@ def test_batch_env_through_sdar_envs_make(tmp_path, monkeypatch):
     assert all(dones) and total == [10.0] * 6
     assert all(i["won"] and i["score"] == 1.0 for i in infos)
     env.close()
+
+
+def test_same_catalogue_and_episodes_across_processes(tmp_path):
+    code = ("import hashlib, sdar_envs.webshop as w\n"
+            "s = w.build_suite(num_products=400)\n"
+            "h = hashlib.sha1()\n"
+            "for t in s.task_ids('test')[:20]:\n"
+            "    g = s.make_game(t); h.update(g.reset()[0].encode())\n"
+            "    while not g.done:\n"
+            "        o, r, d, i = g.step(g.expert_action()); h.update(f'{o}{r}{d}'.encode())\n"
+            "print(h.hexdigest())\n")
+    digests = []
+    for hash_seed, cache in (("1", "a"), ("2", "b")):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), PYTHONHASHSEED=hash_seed,
+                   SDAR_CACHE=str(tmp_path / cache))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        digests.append(proc.stdout.strip())
+    assert digests[0] == digests[1] and len(digests[0]) == 40

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sdar_envs.webshop.goals import Goal, product_goals
 from sdar_envs.webshop.loader import Product
@@ -123,3 +125,37 @@ def test_goal_text_has_options_and_price_clause():
     assert text.startswith("i need a sulfate free shampoo for dry hair with scent: lavender, "
                            "and size: 8 fl oz, and price lower than ")
     assert goals[0].price_upper in (30.0, 40.0, 50.0) and text.endswith(" dollars")
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    import json
+    from sdar_envs.webshop.catalogue import generate_raw
+    from sdar_envs.webshop.goals import build_goals
+    from sdar_envs.webshop.loader import load_products, sample_prices
+    folder = tmp_path_factory.mktemp("catalogue")
+    items, ins = generate_raw(seed=3, num_products=120)
+    (folder / "items.json").write_text(json.dumps(items))
+    (folder / "ins.json").write_text(json.dumps(ins))
+    products = load_products(folder / "items.json", folder / "ins.json")
+    prices = sample_prices(products, seed=3)
+    return products, prices, build_goals(products, prices, seed=3)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_reward_is_bounded_and_full_only_for_a_fitting_purchase(catalogue, data):
+    products, prices, goals = catalogue
+    goal = data.draw(st.sampled_from(goals))
+    product = data.draw(st.sampled_from(products))
+    selected = {name: data.draw(st.sampled_from(values))
+                for name, values in product.options.items() if data.draw(st.booleans())}
+    info = purchase_reward(product, prices[product.asin], selected, goal, lexicon_nouns)
+    assert 0.0 <= info.total <= 1.0
+    if info.total == 1.0:
+        assert info.r_type == 1.0 and info.r_price
+        assert info.n_attr == len(goal.attributes) and info.n_option == len(goal.goal_options)
+    target = next(p for p in products if p.asin == goal.asin)
+    full = purchase_reward(target, prices[target.asin], dict(goal.goal_options), goal,
+                           lexicon_nouns)
+    assert full.total == 1.0

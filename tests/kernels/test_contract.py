@@ -80,7 +80,8 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("opts", [dict(), dict(divergence="jsd", entropy_coef=0.01)])
+@pytest.mark.parametrize("opts", [dict(), dict(divergence="jsd", entropy_coef=0.01), dict(grad_in_forward=False),
+                                  dict(divergence="jsd", entropy_coef=0.01, grad_in_forward=False)])
 def test_torch_backend_never_allocates_an_n_by_v_over_8_tensor(opts):
     n, h, v = 512, 32, 32768
     g = torch.Generator().manual_seed(0)

@@ -27,8 +27,8 @@ shapes = st.tuples(st.sampled_from([1, 123, 1001, 32768]), st.sampled_from([1, 3
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(opts=configs, shape=shapes, scale=st.sampled_from([1.0, 30.0, 1e4]),
        masking=st.sampled_from(["some", "none", "all"]), n_seq=st.sampled_from([1, 4]),
-       bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_torch_equals_reference_everywhere(opts, shape, scale, masking, n_seq, bias, seed):
+       bias=st.booleans(), grad_in_forward=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_torch_equals_reference_everywhere(opts, shape, scale, masking, n_seq, bias, grad_in_forward, seed):
     v, h, n = shape
     if n * v > 300 * 1001 and h == 64 and scale == 1e4:
         v = 1001  # keep the float64 oracle's [N, V] tensors small enough for CI
@@ -38,8 +38,8 @@ def test_torch_equals_reference_everywhere(opts, shape, scale, masking, n_seq, b
     p = make_problem(n, h, v, seed, scale=scale, n_seq=n_seq, mask_frac=frac, bias=bias,
                      temperature=cfg.temperature)
     ref_loss, ref_grads, _ = run_loss(p, cfg.replace(backend="reference"), torch.float64)
-    loss, grads, out = run_loss(p, cfg.replace(backend="torch", vocab_chunk=512), torch.float64)
-    ctx = f"cfg={preset}{opts} V={v} H={h} N={n} scale={scale} mask={masking} seed={seed}"
+    loss, grads, out = run_loss(p, cfg.replace(backend="torch", vocab_chunk=512, grad_in_forward=grad_in_forward), torch.float64)
+    ctx = f"cfg={preset}{opts} rows={grad_in_forward} V={v} H={h} N={n} scale={scale} mask={masking} seed={seed}"
     assert torch.isfinite(loss), ctx
     assert all(torch.isfinite(m).all() for m in out.metrics.values()), ctx
     assert rel_err(loss, ref_loss) <= 1e-9, f"loss {loss} vs {ref_loss}: {ctx}"

@@ -26,11 +26,13 @@ OPTIONS = [
 PRESETS = ["grpo", "sdar", "grpo_opsd", "opsd", "skill_sd", "rlsd"]
 
 
-def _compare(cfg: LossConfig, dtype: torch.dtype, tol: float, n=77, h=31, v=123, scale=3.0, **kw) -> None:
+def _compare(cfg: LossConfig, dtype: torch.dtype, tol: float, n=77, h=31, v=123, scale=3.0,
+             grad_in_forward: bool = True, **kw) -> None:
     seed = fresh_seed()
     p = make_problem(n, h, v, seed, scale=scale, temperature=cfg.temperature, **kw)
     ref_loss, ref_grads, _ = run_loss(p, cfg.replace(backend="reference", reference_dtype="float64"), torch.float64)
-    loss, grads, _ = run_loss(p, cfg.replace(backend="torch", token_chunk=16, vocab_chunk=32), dtype)
+    fused = cfg.replace(backend="torch", token_chunk=16, vocab_chunk=32, grad_in_forward=grad_in_forward)
+    loss, grads, _ = run_loss(p, fused, dtype)
     assert rel_err(loss, ref_loss) <= tol, f"loss seed={seed} {loss} vs {ref_loss}"
     for name, g, rg in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert torch.isfinite(g).all(), f"non-finite d{name} seed={seed}"
@@ -39,8 +41,9 @@ def _compare(cfg: LossConfig, dtype: torch.dtype, tol: float, n=77, h=31, v=123,
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "sdar")
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
-def test_every_option_matches_reference(opts, dtype, tol):
-    _compare(LossConfig.preset("sdar", **opts), dtype, tol)
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["rows", "tiles"])
+def test_every_option_matches_reference(opts, dtype, tol, grad_in_forward):
+    _compare(LossConfig.preset("sdar", **opts), dtype, tol, grad_in_forward=grad_in_forward)
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -1,0 +1,92 @@
+"""PNG plots of kernel results: time vs N and peak memory vs N per backend (log-log),
+one panel per (V, H), one figure per suite and metric. Trainer: tokens/s per layout."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {"naive": ("tab:red", "o", "naive (materialized logits)"),
+         "compiled": ("tab:orange", "s", "torch.compile(naive)"),
+         "torch": ("tab:blue", "D", "sdar_kernels torch (chunked)"),
+         "triton": ("tab:green", "^", "sdar_kernels triton"),
+         "liger": ("tab:purple", "v", "Liger-Kernel GRPO")}
+METRICS = {"time_s": ("time per call (s)", "time"), "peak_mib": ("peak extra memory (MiB)", "memory")}
+
+
+def _panels(rows: Sequence[dict]) -> list[tuple[int, int, str]]:
+    return sorted({(r["v"], r["h"], r["dtype"]) for r in rows})
+
+
+def kernel_figure(rows: Sequence[dict], suite: str, metric: str, path: str) -> bool:
+    """One figure: ``metric`` vs N per backend, log-log, a panel per (V, H, dtype). False if no data."""
+    ok = [r for r in rows if r["suite"] == suite and r["status"] == "ok" and r.get(metric)]
+    if not ok:
+        return False
+    panels = _panels(ok)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    ylabel, word = METRICS[metric]
+    for ax, (v, h, dtype) in zip(axes[0], panels):
+        for backend, (color, marker, label) in STYLE.items():
+            pts = sorted((r["n"], r[metric]) for r in ok if r["backend"] == backend and (r["v"], r["h"], r["dtype"]) == (v, h, dtype))
+            if pts:
+                ax.plot(*zip(*pts), color=color, marker=marker, label=label, linewidth=1.8, markersize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"V={v:,}  H={h}  {dtype}", fontsize=11)
+        ax.set_xlabel("tokens N")
+        ax.grid(True, which="both", alpha=0.3)
+        ns = sorted({r["n"] for r in ok})
+        ax.set_xticks(ns, [f"{n:,}" for n in ns])
+        ax.minorticks_off() if len(ns) < 3 else None
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = [], []
+    for ax in axes[0]:
+        for hnd, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(hnd)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False)
+    device = ok[0]["device"]
+    fig.suptitle(f"{'SDAR loss fwd+bwd' if suite == 'loss' else 'log-prob pass (no grad)'}: {word} vs N ({device})")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def trainer_figure(rows: Sequence[dict], path: str) -> bool:
+    """Bar chart of tokens/s per layout, with each bar's padding fraction written on it."""
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [r["layout"] for r in rows]
+    bars = ax.bar(names, [r["tokens_per_s"] for r in rows], color=["tab:red", "tab:blue", "tab:green"][:len(rows)])
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"pad {r['pad_frac']:.0%}\n×{r['speedup_vs_padded']:.2f}", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("real tokens / s (one optimizer step)")
+    ax.set_title("trainer step, tiny model: packed vs padded")
+    ax.margins(y=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_plots(kernel_rows: Sequence[dict], trainer_rows: Sequence[dict], out_dir: str) -> list[str]:
+    """Every plot that has data; returns their paths."""
+    paths = []
+    for suite in ("loss", "logprobs"):
+        for metric, (_, word) in METRICS.items():
+            path = os.path.join(out_dir, f"{suite}_{word}_vs_n.png")
+            if kernel_figure(kernel_rows, suite, metric, path):
+                paths.append(path)
+    path = os.path.join(out_dir, "trainer_tokens_per_s.png")
+    if trainer_figure(trainer_rows, path):
+        paths.append(path)
+    return paths

@@ -1,0 +1,114 @@
+"""Where does the SDAR loss spend its time? Per-op profile and chunk-size sweep (CPU or GPU).
+
+    python -m benchmarks.profile_loss --n 4096 --v 16384 --h 896            # op table, naive vs torch
+    python -m benchmarks.profile_loss --n 4096 --v 16384 --sweep 1024x2048 2048x4096
+
+The op table groups torch.profiler self-times into GEMM (aten::mm/addmm/matmul), exp/log,
+reductions (max/sum/logsumexp), the online-merge elementwise ops and copies, for one fwd+bwd
+call after a warm-up. The sweep times the chunked backend per (token_chunk x vocab_chunk),
+interleaved with naive calls so that each ratio is back to back.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+from .loss_cases import Case, make_inputs, prepare
+
+GROUPS = {"gemm": ("aten::mm", "aten::addmm", "aten::bmm"),
+          "exp/log": ("aten::exp", "aten::log", "aten::_log_softmax", "aten::_log_softmax_backward_data",
+                      "aten::log_softmax", "aten::logsumexp"),
+          "reduce": ("aten::max", "aten::sum", "aten::amax"),
+          "index": ("aten::gather", "aten::scatter_add_", "aten::where", "aten::scatter", "aten::index_select",
+                    "aten::index_copy"),
+          "copy/alloc": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::zeros", "aten::zero_", "aten::empty",
+                         "aten::fill_", "aten::clone", "aten::new_zeros", "aten::zeros_like")}
+
+
+def _group(name: str) -> str:
+    for g, names in GROUPS.items():
+        if name in names:
+            return g
+    return "elementwise/other"
+
+
+def op_profile(case: Case) -> dict[str, float]:
+    """Seconds of CPU self time per op group for one call (after one warm-up call)."""
+    x = make_inputs(case)
+    fn = prepare(case, x)
+    fn()
+    x.hidden.grad = x.weight.grad = None
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device.startswith("cuda") else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        fn()
+    total = time.perf_counter() - t0
+    out: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        out[_group(ev.key)] += ev.self_cpu_time_total / 1e6
+    out["wall (profiled)"] = total
+    return dict(out)
+
+
+def print_profiles(n: int, v: int, h: int, token_chunk: int, vocab_chunk: int) -> None:
+    rows = {b: op_profile(Case("loss", b, n, v, h, token_chunk=token_chunk, vocab_chunk=vocab_chunk))
+            for b in ("naive", "torch")}
+    keys = sorted(set().union(*rows.values()), key=lambda k: -rows["torch"].get(k, 0))
+    print(f"fwd+bwd self time by op group, N={n} V={v} H={h}, torch chunks {token_chunk}x{vocab_chunk}")
+    print(f"{'group':22s} {'naive s':>9s} {'torch s':>9s} {'torch/naive':>11s}")
+    for k in keys:
+        a, b = rows["naive"].get(k, 0.0), rows["torch"].get(k, 0.0)
+        print(f"{k:22s} {a:9.2f} {b:9.2f} {b / a if a else float('inf'):11.2f}")
+
+
+def _time(case: Case) -> float:
+    x = make_inputs(case)
+    fn = prepare(case, x)
+    fn()
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def sweep(n: int, v: int, h: int, chunks: list[tuple[int, int]]) -> None:
+    """Time ratio torch/naive per chunk setting; naive re-timed next to each setting."""
+    print(f"chunk sweep N={n} V={v} H={h} (each ratio: torch call vs a naive call right before it)")
+    for tc, vc in chunks:
+        naive = _time(Case("loss", "naive", n, v, h))
+        fused = _time(Case("loss", "torch", n, v, h, token_chunk=tc, vocab_chunk=vc))
+        print(f"token_chunk={tc:6d} vocab_chunk={vc:6d}  torch {fused:7.2f} s  naive {naive:7.2f} s  "
+              f"ratio {fused / naive:5.2f}", flush=True)
+
+
+def _chunk(text: str) -> tuple[int, int]:
+    try:
+        tc, vc = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"chunk {text!r} is invalid; expected TOKENSxVOCAB, e.g. 1024x2048")
+    return tc, vc
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--v", type=int, default=16384)
+    ap.add_argument("--h", type=int, default=896)
+    ap.add_argument("--chunk", type=_chunk, default=(1024, 2048))
+    ap.add_argument("--sweep", type=_chunk, nargs="*", default=None)
+    args = ap.parse_args(argv)
+    if args.sweep:
+        sweep(args.n, args.v, args.h, args.sweep)
+    else:
+        print_profiles(args.n, args.v, args.h, *args.chunk)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,11 +31,11 @@ setup(
     package_data={"sdar_envs": ["skill_banks/*.json", "**/*.json", "**/*.txt"], "sdar_engine": ["configs/*.yaml"]},
     include_package_data=True,
     # torch is not pinned here: pin it when you install (the Makefile uses torch==2.13.0, CPU).
-    install_requires=["torch>=2.4", "numpy", "transformers>=4.51", "tokenizers", "safetensors", "pyyaml", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "transformers>=4.56", "tokenizers", "safetensors", "pyyaml", "tqdm"],
     extras_require={
         "gpu": ["flash-attn", "triton"],
         "bench": ["liger-kernel", "matplotlib", "pytest-benchmark"],
-        "envs": _requirements("envs"),
+        "envs": list(dict.fromkeys(_requirements("envs_core") + _requirements("webshop") + _requirements("alfworld"))),
         "dev": ["pytest", "hypothesis", "pytest-benchmark", "matplotlib", "triton"],
     },
     entry_points={"console_scripts": ["sdar=sdar_engine.cli:main"]},

@@ -128,7 +128,11 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sdar`` console script; returns the exit status."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after "bench" belongs to the benchmarks CLI, options too
+        args = argparse.Namespace(command="bench", args=argv[1:], log_level="INFO")
+    else:
+        args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "log_level", "INFO"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

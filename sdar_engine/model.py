@@ -168,12 +168,44 @@ def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[A
     model.to(device)
     model.config.use_cache = False
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     attach_head_forward(model)
     log.info("loaded %s (%s, attn=%s, %d params) on %s", cfg.path, cfg.dtype, attn,
              sum(p.numel() for p in model.parameters()), device)
     return model, tokenizer
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Recompute each decoder layer in backward (non-reentrant), whatever the transformers version."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _hf_detects_packing() -> bool:
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# transformers >= ~4.53 derives the block-diagonal mask from position_ids restarts (sdpa and
+# eager); older versions would let packed samples attend to each other, so we mask ourselves.
+HF_DETECTS_PACKING = _hf_detects_packing()
+
+
+def block_causal_mask(position_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive mask [R, 1, L, L]: causal within each sample (positions restart at 0), -inf across."""
+    seg = torch.cumsum((position_ids == 0).long(), dim=1)
+    same = seg[:, :, None] == seg[:, None, :]
+    causal = torch.ones(position_ids.shape[1], position_ids.shape[1], dtype=torch.bool,
+                        device=position_ids.device).tril()
+    mask = torch.zeros(same.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill(~(same & causal), torch.finfo(dtype).min)[:, None]
 
 
 def trunk_hidden(model: Any, input_ids: Tensor, position_ids: Tensor) -> Tensor:
@@ -186,7 +218,12 @@ def trunk_hidden(model: Any, input_ids: Tensor, position_ids: Tensor) -> Tensor:
     if input_ids.shape != position_ids.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} "
                          "must both be [rows, length]")
-    out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    mask = None
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if not HF_DETECTS_PACKING and impl != "flash_attention_2" and bool((position_ids[:, 1:] == 0).any()):
+        mask = block_causal_mask(position_ids, model.get_input_embeddings().weight.dtype)
+    out = model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                           use_cache=False)
     hidden = out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])
 

@@ -230,6 +230,13 @@ def pack(samples: Sequence[Sample], max_tokens: int, use_teacher_prompt: bool = 
     return [_build(samples, part, use_teacher_prompt, row_tokens, pad_id) for part in parts]
 
 
+def pack_like(samples: Sequence[Sample], mb: MicroBatch, use_teacher_prompt: bool,
+              row_tokens: Optional[int] = None, pad_id: int = 0) -> MicroBatch:
+    """A micro-batch of the same samples as ``mb`` (e.g. their teacher streams). Rows may be
+    laid out differently: match samples through ``sample_index``, not positions."""
+    return _build(samples, list(mb.sample_index), use_teacher_prompt, row_tokens, pad_id)
+
+
 def total_response_tokens(samples: Sequence[Sample]) -> int:
     """Number of loss tokens (response tokens) over ``samples``."""
     return sum(len(s.response_ids) for s in samples)

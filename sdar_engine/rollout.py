@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from sdar_engine.packing import Sample
 
@@ -175,7 +176,8 @@ class Rollout:
 def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_ids: list[str],
                  group_size: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  max_prompt_tokens: int = 0, max_turns: int = 0, retrieval: str | None = None,
-                 keep_samples: bool = True, stop: Sequence[str] | None = None) -> Rollout:
+                 keep_samples: bool = True, stop: Sequence[str] | None = None,
+                 desc: str = "rollout") -> Rollout:
     """Play ``len(task_ids) x group_size`` episodes to the end; one Sample per live env step.
 
     ``retrieval`` set: each sample also gets ``teacher_prompt_ids``. ``max_turns`` > 0 cuts
@@ -188,8 +190,11 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
     per_env: list[list[tuple[int, float]]] = [[] for _ in range(n)]  # (sample idx, penalty)
     ro = Rollout()
     turn = 0
+    bar = tqdm(desc=desc, unit="turn", leave=False, total=max_turns or None)
     while not all(done) and (max_turns <= 0 or turn < max_turns):
         live = [i for i in range(n) if not done[i]]
+        bar.update(1)
+        bar.set_postfix(live=len(live), won=sum(bool(x.get("won")) for x in infos))
         from sdar_engine.teacher import teacher_prompt_ids  # noqa: PLC0415 (teacher imports us)
 
         prompts = [render_prompt_ids(tokenizer, env.prompt(i), max_prompt_tokens) for i in live]
@@ -222,6 +227,17 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
                 done[i] = True
         obs, infos = new_obs, new_infos
         turn += 1
+    bar.close()
+    _finish(ro, infos, done, ep_reward, ep_len, per_env)
+    if retrieval == "ucb":
+        env.report_outcomes(ro.won)
+    return ro
+
+
+def _finish(ro: Rollout, infos: list[dict], done: list[bool], ep_reward: list[float], ep_len: list[int],
+            per_env: list[list[tuple[int, float]]]) -> None:
+    """Episode outcomes, and each step sample's reward = its episode's reward - its own penalty."""
+    n = len(done)
     ro.won = [bool(infos[i].get("won", False)) and done[i] for i in range(n)]
     ro.task_types = [str(infos[i].get("task_type", "all")) for i in range(n)]
     ro.episode_rewards, ro.episode_lengths = ep_reward, ep_len
@@ -229,6 +245,3 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
     for i in range(n):
         for idx, penalty in per_env[i]:
             ro.rewards[idx] = ep_reward[i] - penalty
-    if retrieval == "ucb":
-        env.report_outcomes(ro.won)
-    return ro

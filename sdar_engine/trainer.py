@@ -67,9 +67,23 @@ def draw_tasks(pool: list[str], k: int, seed: int, step: int) -> list[str]:
 
 
 def eval_tasks(pool: list[str], n: int) -> list[str]:
-    """The first ``n`` test tasks in id order (all when n == 0): the same set for every eval."""
+    """``n`` test tasks (all when n == 0 or n >= the pool), the same set for every eval.
+
+    A fixed-seed sample of the sorted pool, so every task type is represented (ids sort by type).
+    """
     ordered = sorted(pool)
-    return ordered[:n] if n else ordered
+    if not n or n >= len(ordered):
+        return ordered
+    return sorted(random.Random(f"sdar-eval/{n}").sample(ordered, n))
+
+
+def make_backend(cfg: TrainConfig, model: Any, tokenizer: Any, device: torch.device) -> Any:
+    """The rollout generation backend: HF generate (default) or vLLM (weights synced per step)."""
+    if cfg.rollout.backend == "vllm":
+        from sdar_engine.rollout import VLLMBackend
+
+        return VLLMBackend(str(cfg.model.path), tokenizer, dtype=cfg.model.dtype)
+    return HFBackend(model, tokenizer, device, cfg.rollout.gen_batch)
 
 
 class Trainer:
@@ -96,7 +110,7 @@ class Trainer:
         loss0 = cfg.loss_config(0)
         self.ref_model = self._frozen_copy() if loss0.kl_coef > 0 else None
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim)
-        self.backend = HFBackend(self.model, self.tokenizer, self.device, cfg.rollout.gen_batch)
+        self.backend = make_backend(cfg, self.model, self.tokenizer, self.device)
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard)
         self.step = 0
         if resume:
@@ -189,6 +203,8 @@ class Trainer:
         self.score(ro.samples, loss_cfg)
         t2 = time.perf_counter()
         metrics.update(self.update(ro.samples, loss_cfg, step))
+        if hasattr(self.backend, "sync_weights"):  # vLLM serves a copy: push the new weights
+            self.backend.sync_weights(self.model)
         t3 = time.perf_counter()
         tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in ro.samples)
         metrics.update(score_seconds=t2 - t1, update_seconds=t3 - t2, step_seconds=t3 - t0,
@@ -210,7 +226,7 @@ class Trainer:
             ro = run_episodes(self.eval_env, self.backend, self.tokenizer, task_ids=tasks, group_size=1,
                               max_new_tokens=cfg.rollout.max_new_tokens, temperature=temp,
                               top_p=1.0, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
-                              max_turns=cfg.rollout.max_turns, keep_samples=False)
+                              max_turns=cfg.rollout.max_turns, keep_samples=False, desc="eval")
         return ro.metrics(prefix)
 
     def save(self) -> str:

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from .distributed import all_reduce_max, all_reduce_sum, grad_scale
-from .logprobs import model_device, pack_for_ranks, score_samples
+from .logprobs import default_row_tokens, model_device, pack_for_ranks, score_samples
 from .model import head_forward
-from .packing import MicroBatch, Sample, describe
+from .packing import MicroBatch, Sample, describe, pack_like
 
 log = logging.getLogger("sdar_engine.update")
 
@@ -32,12 +32,12 @@ SUM_METRICS = ("loss", "pg_loss", "sd_loss", "tokens")
 def _ensure_scored(model: Any, samples: Sequence[Sample], cfg: Any, max_tokens: int,
                    ref_model: Any, row_tokens: Optional[int]) -> None:
     """Fill what the loss needs and is missing: old log-probs (on-policy) and reference log-probs."""
-    if cfg.full_vocab_divergence:
-        raise ValueError(f"LossConfig.divergence={cfg.divergence!r} needs teacher hidden states, which "
-                         "policy_update does not pass yet; use divergence='sampled' (the paper's default)")
+    if cfg.full_vocab_divergence and any(s.teacher_prompt_ids is None for s in samples):
+        raise ValueError(f"LossConfig.divergence={cfg.divergence!r} needs the teacher's full distribution: "
+                         "set sample.teacher_prompt_ids on every sample (or use divergence='sampled')")
     if any(s.old_logp is None for s in samples):
         score_samples(model, samples, max_tokens, "old", cfg.temperature, row_tokens=row_tokens)
-    if cfg.uses_teacher and any(s.teacher_logp is None for s in samples):
+    if cfg.uses_teacher and not cfg.full_vocab_divergence and any(s.teacher_logp is None for s in samples):
         raise ValueError(f"LossConfig.teacher_use={cfg.teacher_use!r} needs sample.teacher_logp; call "
                          "score_samples(policy, samples, max_tokens, 'teacher', T) right after the rollout")
     if cfg.kl_coef != 0 and any(s.ref_logp is None for s in samples):
@@ -66,11 +66,25 @@ def _loss_inputs(mb: MicroBatch, samples: Sequence[Sample], cfg: Any, with_ref: 
                  device) -> dict[str, Tensor]:
     inputs = {"advantages": mb.per_token(samples, "advantage"),
               "old_logprobs": mb.per_token(samples, "old_logp")}
-    if cfg.uses_teacher:
+    if cfg.uses_teacher and all(samples[i].teacher_logp is not None for i in mb.sample_index):
         inputs["teacher_logprobs"] = mb.per_token(samples, "teacher_logp")
     if with_ref:  # also for kl_coef == 0: the ref-KL metric is then still logged
         inputs["ref_logprobs"] = mb.per_token(samples, "ref_logp")
     return {k: v.to(device) for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def _teacher_hidden(model: Any, mb: MicroBatch, samples: Sequence[Sample], row_tokens: Optional[int],
+                    device: torch.device) -> Tensor:
+    """Teacher hidden states [N, H] laid out like ``mb``: the current weights (no grad) reading
+    teacher_prompt_ids + the same response; zero off the response positions."""
+    tmb = pack_like(samples, mb, use_teacher_prompt=True, row_tokens=row_tokens).to(device)
+    hidden = head_forward(model, tmb.input_ids, tmb.position_ids, lambda h, w, b: h.detach())
+    out = hidden.new_zeros(mb.targets.shape[0], hidden.shape[1])
+    where = {i: k for k, i in enumerate(tmb.sample_index)}
+    for k, i in enumerate(mb.sample_index):
+        out[mb.response_slices[k]] = hidden[tmb.response_slices[where[i]]]
+    return out
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -82,20 +96,26 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 def _micro_step(model: Any, mb: MicroBatch, samples: Sequence[Sample], cfg: Any, normalizer: Tensor,
-                with_ref: bool, device: torch.device, autocast_dtype) -> tuple[Tensor, dict[str, Tensor]]:
+                with_ref: bool, row_tokens: Optional[int], device: torch.device,
+                autocast_dtype) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward + backward of one micro-batch; returns (loss, metrics) as detached 0-d tensors."""
     from sdar_kernels import fused_linear_sdar_loss
 
     mb_dev = mb.to(device)
     extra = _loss_inputs(mb, samples, cfg, with_ref, device)
-
-    def head(hidden, weight, bias):
-        out = fused_linear_sdar_loss(hidden, weight, mb_dev.targets, loss_mask=mb_dev.loss_mask,
-                                     segment_ids=mb_dev.segment_ids, normalizer=normalizer, bias=bias,
-                                     config=cfg, **extra)
-        return out.loss, out.metrics
-
     with _autocast(device, autocast_dtype):
+        if cfg.full_vocab_divergence:
+            extra["teacher_hidden"] = _teacher_hidden(model, mb, samples, row_tokens, device)
+
+        def head(hidden, weight, bias):
+            if cfg.full_vocab_divergence:  # same lm_head, no gradient to the teacher side
+                extra.update(teacher_weight=weight.detach(),
+                             teacher_bias=bias.detach() if bias is not None else None)
+            out = fused_linear_sdar_loss(hidden, weight, mb_dev.targets, loss_mask=mb_dev.loss_mask,
+                                         segment_ids=mb_dev.segment_ids, normalizer=normalizer, bias=bias,
+                                         config=cfg, **extra)
+            return out.loss, out.metrics
+
         loss, metrics = head_forward(model, mb_dev.input_ids, mb_dev.position_ids, head)
     (loss * grad_scale()).backward()  # FSDP averages over ranks; the loss is already global
     return loss.detach(), metrics
@@ -129,6 +149,8 @@ def policy_update(model: Any, optimizer: torch.optim.Optimizer, samples: Sequenc
 
     Fills missing old log-probs (on-policy: the current weights) and reference log-probs
     (``ref_model``); teacher log-probs must already be on the samples when the loss uses them.
+    Full-vocabulary divergences (reverse_kl, forward_kl, jsd) instead run the teacher stream
+    (teacher_prompt_ids + response) through the current weights without grad per micro-batch.
     ``grad_clip`` <= 0 disables clipping (the norm is still reported). ``scheduler`` (optional)
     steps after the optimizer. ``autocast_dtype`` None means bf16 autocast on CUDA, none on CPU.
     """
@@ -139,13 +161,14 @@ def policy_update(model: Any, optimizer: torch.optim.Optimizer, samples: Sequenc
     cfg = loss_config
     _ensure_scored(model, samples, cfg, max_tokens, ref_model, row_tokens)
     device = model_device(model)
-    micro = pack_for_ranks(model, samples, max_tokens, False, row_tokens)
+    rows = default_row_tokens(model) if row_tokens is None else row_tokens
+    micro = pack_for_ranks(model, samples, max_tokens, False, rows)
     z = global_normalizer(samples, cfg.agg, cfg.loss_scale_factor)
     normalizer = torch.tensor(z, dtype=torch.float32, device=device)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with_ref = all(s.ref_logp is not None for s in samples)
-    per_mb = [_micro_step(model, mb, samples, cfg, normalizer, with_ref, device, autocast_dtype)
+    per_mb = [_micro_step(model, mb, samples, cfg, normalizer, with_ref, rows, device, autocast_dtype)
               for mb in micro]
     max_norm = grad_clip if grad_clip and grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)

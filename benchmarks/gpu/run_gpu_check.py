@@ -231,15 +231,17 @@ def time_step(step, reps: int, device: str, input_bytes: int) -> tuple[float, fl
 
 
 # GEMM passes (each 2*N*H*V FLOPs) per design, fwd+bwd:
-#   recompute designs: student fwd + recompute + dL/dh + dL/dW = 4 (a full-vocab teacher adds 2:
-#   its tile in the forward and again in the recompute); naive materialized: fwd + dh + dW = 3;
-#   Liger chunked GRPO (recompute backward) 4; Liger fused-linear JSD (grads in forward) 2 + 2.
+#   triton (recompute backward): student fwd + recompute + dL/dh + dL/dW = 4; a full-vocab
+#   teacher adds 2 (its tile in the forward and again in the recompute);
+#   torch-chunked (LossConfig.grad_in_forward, the default): fwd + dh + dW = 3, teacher +1;
+#   naive materialized: fwd + dh + dW = 3; Liger chunked GRPO (recompute backward) 4;
+#   Liger fused-linear JSD (grads in forward) 2 + 2.
 DESIGNS = [
     # name, builder, gemm passes, needs teacher tensors
     ("triton sdar (sampled)", lambda p: _sdar_step(p, LossConfig.preset("sdar", backend="triton")), 4, False),
     ("triton sdar reverse_kl", lambda p: _sdar_step(p, LossConfig.preset("sdar", backend="triton", divergence="reverse_kl")), 6, True),
-    ("torch-chunked sdar (sampled)", lambda p: _sdar_step(p, LossConfig.preset("sdar", backend="torch")), 4, False),
-    ("torch-chunked sdar reverse_kl", lambda p: _sdar_step(p, LossConfig.preset("sdar", backend="torch", divergence="reverse_kl")), 6, True),
+    ("torch-chunked sdar (sampled)", lambda p: _sdar_step(p, LossConfig.preset("sdar", backend="torch")), 3, False),
+    ("torch-chunked sdar reverse_kl", lambda p: _sdar_step(p, LossConfig.preset("sdar", backend="torch", divergence="reverse_kl")), 4, True),
     ("naive materialized fp32 (sampled)", lambda p: _sdar_step(p, LossConfig.preset("sdar", backend="reference", reference_dtype="float32")), 3, False),
     ("liger chunked GRPO", lambda p: _liger_step(p, "grpo"), 4, False),
     ("liger fused-linear JSD", lambda p: _liger_step(p, "jsd"), 4, True),

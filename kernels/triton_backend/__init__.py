@@ -82,7 +82,7 @@ def stats_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targe
         return _torch_backend().stats_backward(
             hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, spec,
             stats, g_logp, g_entropy, g_div, need_hidden, need_weight, need_bias)
-    if hidden.shape[0] == 0:
+    if hidden.shape[0] == 0 or not (need_hidden or need_weight or need_bias):
         return (torch.zeros_like(hidden) if need_hidden else None,
                 torch.zeros_like(weight) if need_weight else None,
                 torch.zeros_like(bias) if need_bias else None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_model_support import build_and_load, random_samples  # noqa: E402
+from test_model_support import build_and_load, random_samples, one_thread  # noqa: E402,F401
 
 from sdar_kernels import LossConfig  # noqa: E402
 from sdar_engine import checkpoint as ckpt  # noqa: E402

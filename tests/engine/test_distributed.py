@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_model_support import build_and_load  # noqa: E402
+from test_model_support import build_and_load, one_thread  # noqa: E402,F401
 
 import test_distributed_worker as worker  # noqa: E402
 

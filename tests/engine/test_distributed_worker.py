@@ -1,7 +1,7 @@
 """Worker for test_distributed.py (no tests here): run under torchrun, or alone for the full batch.
 
 Usage: python test_distributed_worker.py MODEL_DIR OUT_DIR [--full]
-Each rank takes an uneven share of the same 13 samples (rank 0 gets 8, rank 1 gets 5, so the
+Each rank takes an uneven share of the same 13 samples (rank 0 gets 11, rank 1 gets 2, so the
 micro-batch counts differ and must be agreed), runs one policy_update under FSDP2 with SGD
 (weight deltas are gradients), saves a checkpoint, reloads it into a fresh sharded model and
 checks the round trip. ``--full`` runs one process on all 13 samples, without FSDP.
@@ -23,7 +23,7 @@ from sdar_engine.model import ModelConfig, load_policy  # noqa: E402
 from sdar_engine.update import policy_update  # noqa: E402
 
 LOSS = LossConfig.preset("sdar", kl_coef=0.0, entropy_coef=0.001)
-SHARES = (slice(0, 8), slice(8, 13))
+SHARES = (slice(0, 11), slice(11, 13))
 
 
 def _model(model_dir: str, device):
@@ -40,7 +40,7 @@ def main(model_dir: str, out_dir: str, full: bool) -> None:
         s.teacher_logp = -5.0 + 0.3 * torch.randn(len(s.response_ids), generator=torch.Generator().manual_seed(s.episode))
     mine = samples if full else samples[SHARES[rank]]
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # step 1: delta = lr * grad
-    metrics = policy_update(model, opt, mine, LOSS, max_tokens=100, grad_clip=0.0, row_tokens=40)
+    metrics = policy_update(model, opt, mine, LOSS, max_tokens=100, grad_clip=0.0)
     path = ckpt.save_checkpoint(out_dir, model, opt, None, 1, {"world": world})
     again = _model(model_dir, device)
     opt2 = torch.optim.SGD(again.parameters(), lr=0.5, momentum=0.9)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_model_support import build_and_load, corpus, random_samples  # noqa: E402
+from test_model_support import build_and_load, corpus, random_samples, one_thread  # noqa: E402,F401
 
 from sdar_engine.logprobs import score_samples  # noqa: E402
 from sdar_engine.model import (ModelConfig, check_model_dir, load_policy, lm_head,  # noqa: E402
@@ -88,8 +88,12 @@ def _per_sample_logprobs(model, s, teacher=False):
     return logp[len(ctx) - 1:].float()
 
 
-@pytest.mark.parametrize("row_tokens", [None, 64])
-def test_packed_logprobs_equal_padded(tiny, row_tokens):
+@pytest.mark.parametrize("row_tokens,own_mask", [(None, False), (64, False), (None, True)])
+def test_packed_logprobs_equal_padded(tiny, row_tokens, own_mask, monkeypatch):
+    """own_mask: the fallback for transformers versions that do not detect packing."""
+    import sdar_engine.model as model_mod
+
+    monkeypatch.setattr(model_mod, "HF_DETECTS_PACKING", not own_mask)
     model, _, _ = tiny
     samples = random_samples(12, model.config.vocab_size, seed=1)
     score_samples(model, samples, max_tokens=160, which="old", temperature=1.0, row_tokens=row_tokens)
@@ -129,3 +133,24 @@ def test_copies_score_with_their_own_weights(tiny):
         a = head_forward(model, ids, pos, lambda h, w, b: h)
         b = head_forward(ref, ids, pos, lambda h, w, b: h)
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_other_architectures_load_and_pack(tiny, arch, tmp_path):
+    """Llama and Qwen3 dirs load through load_policy and score packed == per sample."""
+    import transformers
+
+    _, tok, _ = tiny
+    kind = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[arch]
+    config = getattr(transformers, kind[0])(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            intermediate_size=128, head_dim=16, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    getattr(transformers, kind[1])(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, _ = load_policy(ModelConfig(path=str(tmp_path)), "cpu")
+    assert model.config.model_type == arch and lm_head(model)[0] is not model.get_input_embeddings().weight
+    samples = random_samples(6, len(tok), seed=2)
+    score_samples(model, samples, max_tokens=120, which="old", temperature=1.0)
+    for s in samples:
+        torch.testing.assert_close(s.old_logp, _per_sample_logprobs(model, s), atol=1e-5, rtol=0)

@@ -5,17 +5,25 @@ from __future__ import annotations
 import random
 from typing import Optional
 
+import pytest
 import torch
-
-# One intra-op thread: the 2 shared cores are oversubscribed by parallel test runs, where two
-# spinning OpenMP threads made a tiny forward ~20x slower (measured 2.3 s vs 0.12 s).
-torch.set_num_threads(1)
 
 from sdar_engine.model import ModelConfig, build_tiny, load_policy
 from sdar_engine.packing import Sample
 
 OBJECTS = "mug apple cd book plate tomato spraybottle pencil key watch".split()
 RECEPTACLES = "cabinet countertop fridge microwave sinkbasin toilet desk safe drawer shelf".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread while a module runs (restored after): the 2 shared cores are
+    oversubscribed by parallel test runs, where two spinning OpenMP threads made a tiny
+    forward ~20x slower (measured 2.3 s vs 0.12 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:

@@ -24,7 +24,7 @@ lengths_st = st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12)), min_siz
 
 
 @settings(max_examples=60, deadline=None)
-@given(lengths=lengths_st, max_tokens=st.integers(42, 200), row=st.sampled_from([None, 8, 30, 64]),
+@given(lengths=lengths_st, max_tokens=st.integers(42, 200), row=st.sampled_from([None, 0, 8, 30, 64]),
        teacher=st.booleans())
 def test_targets_mask_positions_align(lengths, max_tokens, row, teacher):
     samples = _samples(lengths)
@@ -47,7 +47,7 @@ def test_targets_mask_positions_align(lengths, max_tokens, row, teacher):
             assert pos[start: sl.stop + 1].tolist() == list(range(len(ctx) + len(s.response_ids)))
             assert mb.segment_ids[start: sl.stop + 1].eq(k).all()
         seen += mb.sample_index
-        if row is not None:
+        if row:
             longest = max(samples[i].length(teacher) for i in mb.sample_index)
             assert mb.input_ids.shape[1] <= max(row, longest)
     assert sorted(seen) == list(range(len(samples)))
@@ -85,6 +85,9 @@ def test_rows_cap_stream_length():
     assert mb.input_ids.shape == (4, 50)
     info = describe([mb])
     assert info["rows"] == 4 and info["pad_frac"] == 0.0
+    (mb,) = pack(_samples([(20, 5), (3, 2), (4, 1)]), 1000, row_tokens=0)  # one sample per row
+    assert mb.input_ids.shape == (3, 25) and mb.sample_index == [0, 1, 2]
+    assert mb.position_ids[1].tolist() == list(range(25))  # pads continue: no packed-mask needed
 
 
 def test_errors_name_the_problem():

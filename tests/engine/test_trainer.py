@@ -86,3 +86,13 @@ def test_warmstart_lowers_nll_and_grpo_method_runs(tmp_path):
     last = _trainer(tiny_config(tmp_path / "g", "algo.method=grpo", "algo.advantage=gigpo",
                                 "train.steps=1", "train.save_every=1"), tmp_path / "g").fit(final_eval=False)
     assert "loss" in last and "clip_frac" in last and last["samples"] > 0
+
+
+def test_eval_tasks_are_fixed_and_cover_the_pool():
+    from sdar_engine.trainer import eval_tasks
+
+    pool = [f"alfworld/test/{t}/{i}" for t in ("a", "b", "c") for i in range(10)]
+    picked = eval_tasks(pool, 6)
+    assert picked == eval_tasks(list(reversed(pool)), 6) and len(set(picked)) == 6
+    assert len({p.split("/")[2] for p in picked}) >= 2  # not just the first type in id order
+    assert eval_tasks(pool, 0) == sorted(pool)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_model_support import build_and_load, random_samples  # noqa: E402
+from test_model_support import build_and_load, random_samples, one_thread  # noqa: E402,F401
 
 from sdar_kernels import LossConfig, fused_linear_sdar_loss  # noqa: E402
 from sdar_engine.memory_tracker import LargestTensorTracker  # noqa: E402
@@ -27,6 +27,23 @@ def _fresh(tiny):
     model = AutoModelForCausalLM.from_pretrained(tiny[2], attn_implementation="sdpa")
     model.train()
     return model
+
+
+def _padded_teacher_hidden(model, samples, width):
+    """[B*width, H] teacher hidden states at the student's response positions (padded batch)."""
+    t_width = max(len(s.teacher_prompt_ids) + len(s.response_ids) for s in samples)
+    ids = torch.zeros(len(samples), t_width, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        stream = s.teacher_prompt_ids + s.response_ids
+        ids[i, :len(stream)], attn[i, :len(stream)] = torch.tensor(stream), 1
+    with torch.no_grad():
+        th = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+    out = torch.zeros(len(samples), width, th.shape[-1])
+    for i, s in enumerate(samples):
+        p, t, r = len(s.prompt_ids), len(s.teacher_prompt_ids), len(s.response_ids)
+        out[i, p - 1:p - 1 + r] = th[i, t - 1:t - 1 + r]
+    return out.reshape(len(samples) * width, -1)
 
 
 def _padded_grads(model, samples, cfg):
@@ -48,11 +65,15 @@ def _padded_grads(model, samples, cfg):
         per["old"][i, sl], per["teacher"][i, sl] = s.old_logp, s.teacher_logp
         per["ref"][i, sl] = s.ref_logp
     model.zero_grad()
+    extra = {}
+    if cfg.full_vocab_divergence:
+        extra = dict(teacher_hidden=_padded_teacher_hidden(model, samples, width),
+                     teacher_weight=model.lm_head.weight.detach())
     hidden = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
     out = fused_linear_sdar_loss(hidden.reshape(b * width, -1), model.lm_head.weight, tgt.reshape(-1),
                                  per["adv"].reshape(-1), per["old"].reshape(-1), mask.reshape(-1),
                                  teacher_logprobs=per["teacher"].reshape(-1),
-                                 ref_logprobs=per["ref"].reshape(-1), config=cfg)
+                                 ref_logprobs=per["ref"].reshape(-1), config=cfg, **extra)
     out.loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -71,16 +92,20 @@ class _GradRecorder(torch.optim.SGD):
                 self.grads[self.names[id(p)]] = p.grad.detach().clone()
 
 
-def test_packed_update_equals_padded_batch(tiny):
-    cfg = LossConfig.preset("sdar", kl_coef=0.01, entropy_coef=0.001, gate_beta=5.0)
+@pytest.mark.parametrize("divergence,row_tokens", [("sampled", 256), ("reverse_kl", 256), ("sampled", 0)])
+def test_packed_update_equals_padded_batch(tiny, divergence, row_tokens):
+    """row_tokens 256: several samples per row (block-diagonal mask); 0: one sample per row."""
+    cfg = LossConfig.preset("sdar", kl_coef=0.01, entropy_coef=0.001, gate_beta=5.0, divergence=divergence)
     samples = random_samples(14, tiny[0].config.vocab_size, seed=3, scored=-6.0)
     for s in samples:
         s.ref_logp = s.old_logp + 0.05
     ref = _padded_grads(_fresh(tiny), samples, cfg)
     model = _fresh(tiny)
     recorder = _GradRecorder(model)
-    metrics = policy_update(model, recorder, samples, cfg, max_tokens=120, grad_clip=0.0, row_tokens=48)
-    assert metrics["micro_batches"] >= 3 and metrics["rows"] > metrics["micro_batches"]
+    metrics = policy_update(model, recorder, samples, cfg, max_tokens=120, grad_clip=0.0,
+                            row_tokens=row_tokens)
+    assert metrics["micro_batches"] >= 3
+    assert metrics["rows"] == (metrics["micro_batches"] if row_tokens else len(samples))
     assert metrics["tokens"] == sum(len(s.response_ids) for s in samples)
     errors = {n: ((g - ref[n]).norm() / ref[n].norm().clamp_min(1e-12)).item()
               for n, g in recorder.grads.items()}
@@ -125,8 +150,11 @@ def test_missing_inputs_fail_clearly(tiny):
         policy_update(model, opt, samples, LossConfig.preset("grpo", kl_coef=0.01), 256, 1.0)
     with pytest.raises(ValueError, match="samples is empty"):
         policy_update(model, opt, [], LossConfig.preset("grpo"), 256, 1.0)
-    with pytest.raises(ValueError, match="divergence='reverse_kl'"):
-        policy_update(model, opt, samples, LossConfig.preset("sdar", divergence="reverse_kl"), 256, 1.0)
+    for s in samples:
+        s.teacher_prompt_ids = None
+    with pytest.raises(ValueError, match="divergence='reverse_kl'.*teacher_prompt_ids"):
+        policy_update(model, opt, samples, LossConfig.preset("sdar", kl_coef=0.0, divergence="reverse_kl"),
+                      256, 1.0)
 
 
 def test_grpo_update_with_ref_model_moves_weights_and_logs(tiny):
@@ -150,3 +178,19 @@ def test_optim_config_and_warmup():
         OptimConfig(betas=(0.9, 1.5))
     with pytest.raises(ValueError, match="warmup_steps"):
         OptimConfig(warmup_steps=1.5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    from sdar_engine.model import ModelConfig, load_policy
+
+    cfg = LossConfig.preset("grpo", kl_coef=0.0)
+    grads = []
+    for ckpt in (False, True):
+        model, _ = load_policy(ModelConfig(path=tiny[2], grad_checkpointing=ckpt), "cpu")
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == ckpt
+        samples = random_samples(6, model.config.vocab_size, seed=8, scored=-6.0)
+        recorder = _GradRecorder(model)
+        policy_update(model, recorder, samples, cfg, max_tokens=100, grad_clip=0.0)
+        grads.append(recorder.grads)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-8)

@@ -71,6 +71,16 @@ def test_optional_grads_none_and_partial_requests() -> None:
     assert err <= bound, f"dw error {err:.3g} > {bound:.3g}, seed={seed}"
 
 
+@pytest.mark.parametrize("dtype,div", [(torch.float32, "reverse_kl"), (torch.bfloat16, "jsd")])
+def test_backward_over_many_vocab_chunks(monkeypatch, dtype: torch.dtype, div: str) -> None:
+    """A small scratch budget forces 8 vocab chunks: dh accumulates across chunks, dW/db by slice."""
+    from .test_triton_stats import check_case
+    tb = _backend()
+    monkeypatch.setattr(tb.backward, "SCRATCH_BYTES", 77 * 4 * 128)
+    assert tb.backward.chunk_width(77, 1001, 4, 64) == 128
+    check_case(Case(dtype, 77, 1001, 64, div, True, True, 0.8, beta=0.3), seed_now())
+
+
 def test_float64_falls_back_to_torch_backend() -> None:
     seed = seed_now()
     tb = _backend()
@@ -136,8 +146,37 @@ st = hypothesis.strategies
 
 @hypothesis.settings(max_examples=6, deadline=None, derandomize=False)
 @hypothesis.given(n=st.integers(1, 40), v=st.integers(2, 300), h=st.integers(1, 70),
-                  div=st.sampled_from(DIVS), tau=st.floats(0.3, 3.0), beta=st.floats(0.0, 1.0))
-def test_random_ragged_shapes_fp32(n: int, v: int, h: int, div: str, tau: float, beta: float) -> None:
+                  div=st.sampled_from(DIVS), tau=st.floats(0.3, 3.0), beta=st.floats(0.0, 1.0),
+                  dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+                  ent=st.booleans(), bias=st.booleans())
+def test_random_ragged_shapes(n: int, v: int, h: int, div: str, tau: float, beta: float,
+                              dtype: torch.dtype, ent: bool, bias: bool) -> None:
     """Random ragged N/V/H (H=1 and V=2 included), every divergence, jsd beta at its ends."""
     from .test_triton_stats import check_case
-    check_case(Case(torch.float32, n, v, h, div, True, True, tau, beta=beta), seed_now())
+    check_case(Case(dtype, n, v, h, div, ent, bias, tau, beta=beta), seed_now())
+
+
+def test_gpu_dispatch_tables_and_split_layout(monkeypatch) -> None:
+    """Host-side GPU choices, checked on the CPU: tile tables per arch/H and the split grid."""
+    tb = _backend()
+    cfgs = tb.configs
+    monkeypatch.setattr(cfgs, "interpreting", lambda: False)
+    for arch in (90, 80):
+        for h in (896, 4096, 8192):
+            for kernel, teacher in (("fwd", False), ("fwd", True), ("jsd", False), ("bwd", True)):
+                c = cfgs.choose_config(kernel, h, torch.bfloat16, teacher, arch)
+                assert c.block_n >= 64 and c.block_v >= 32 and c.block_k >= 32, (arch, h, kernel, c)
+    assert cfgs.choose_config("fwd", 4096, torch.float32).label() == "64x64x32 w4 s2"
+    with pytest.raises(ValueError, match="dtype"):
+        cfgs.choose_config("fwd", 4096, torch.int8)
+    with pytest.raises(ValueError, match="arch"):
+        cfgs.choose_config("fwd", 4096, torch.bfloat16, arch=70)
+    with pytest.raises(ValueError, match="block_k"):
+        cfgs.TileConfig(128, 128, 24, 8, 3)
+    cfg = cfgs.choose_config("fwd", 4096, torch.bfloat16)
+    monkeypatch.setattr(tb.forward, "n_programs_target", lambda device: 4 * 132)
+    for n, vocab in ((16384, 151936), (77, 151936), (4096, 123)):
+        vps, splits = tb.forward.split_layout(n, vocab, cfg, torch.device("cpu"))
+        assert vps % cfg.block_v == 0 and (splits - 1) * vps < vocab <= splits * vps, (n, vocab, vps)
+        # at least half the wanted programs (rounding splits to block_v costs the rest)
+        assert 2 * splits * -(-n // cfg.block_n) >= min(4 * 132, -(-vocab // cfg.block_v)), (n, vocab, splits)

@@ -40,6 +40,7 @@ class Case:
     device: str = "cpu"
     token_chunk: int = 1024
     vocab_chunk: int = 2048
+    grad_in_forward: bool = True  # torch backend: whole-row path with dL/dW in the forward
 
     def __post_init__(self) -> None:
         _check(self.suite in SUITES, "suite", self.suite, f"one of {SUITES}")
@@ -54,7 +55,8 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.suite}-{self.backend}-N{self.n}-V{self.v}-H{self.h}-{self.dtype}"
+        extra = "" if self.grad_in_forward else "-4pass"
+        return f"{self.suite}-{self.backend}{extra}-N{self.n}-V{self.v}-H{self.h}-{self.dtype}"
 
 
 def _check(ok: bool, field: str, value, valid: str) -> None:
@@ -127,10 +129,18 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
 
 
 def loss_config(case: Case, backend: Optional[str] = None):
+    """The paper's SDAR preset with the case's backend and chunk sizes."""
+    import dataclasses
+
     from sdar_kernels import LossConfig
 
+    extra = {}
+    if "grad_in_forward" in {f.name for f in dataclasses.fields(LossConfig)}:
+        extra["grad_in_forward"] = case.grad_in_forward
+    elif not case.grad_in_forward:
+        raise ValueError("Case.grad_in_forward=False needs a LossConfig with the grad_in_forward field")
     return LossConfig.preset(PRESET, backend=backend or case.backend, token_chunk=case.token_chunk,
-                             vocab_chunk=case.vocab_chunk)
+                             vocab_chunk=case.vocab_chunk, **extra)
 
 
 def naive_loss(x: Inputs, cfg) -> Tensor:

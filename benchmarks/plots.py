@@ -9,17 +9,30 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 STYLE = {"naive": ("tab:red", "o", "naive (materialized logits)"),
          "compiled": ("tab:orange", "s", "torch.compile(naive)"),
-         "torch": ("tab:blue", "D", "sdar_kernels torch (chunked)"),
+         "torch": ("tab:blue", "D", "sdar_kernels torch backend"),
          "triton": ("tab:green", "^", "sdar_kernels triton"),
          "liger": ("tab:purple", "v", "Liger-Kernel GRPO")}
 METRICS = {"time_s": ("time per call (s)", "time"), "peak_mib": ("peak extra memory (MiB)", "memory")}
+RATIO = {"time_s": "time_vs_naive", "peak_mib": "mem_vs_naive"}
 
 
 def _panels(rows: Sequence[dict]) -> list[tuple[int, int, str]]:
     return sorted({(r["v"], r["h"], r["dtype"]) for r in rows})
+
+
+def _annotate_ratios(ax, rows: Sequence[dict], metric: str, color: str, backend: str) -> None:
+    """Write '×ratio vs naive' next to each non-naive point (the number the comparison is about)."""
+    if backend == "naive":
+        return
+    for r in rows:
+        ratio = r.get(RATIO[metric])
+        if ratio is not None:
+            ax.annotate(f"×{ratio:.2f}", (r["n"], r[metric]), textcoords="offset points", xytext=(8, -4),
+                        color=color, fontsize=9, bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
 
 
 def kernel_figure(rows: Sequence[dict], suite: str, metric: str, path: str) -> bool:
@@ -32,11 +45,18 @@ def kernel_figure(rows: Sequence[dict], suite: str, metric: str, path: str) -> b
     ylabel, word = METRICS[metric]
     for ax, (v, h, dtype) in zip(axes[0], panels):
         for backend, (color, marker, label) in STYLE.items():
-            pts = sorted((r["n"], r[metric]) for r in ok if r["backend"] == backend and (r["v"], r["h"], r["dtype"]) == (v, h, dtype))
-            if pts:
-                ax.plot(*zip(*pts), color=color, marker=marker, label=label, linewidth=1.8, markersize=7)
+            mine = sorted((r for r in ok if r["backend"] == backend and (r["v"], r["h"], r["dtype"]) == (v, h, dtype)),
+                          key=lambda r: r["n"])
+            if mine:
+                ax.plot([r["n"] for r in mine], [r[metric] for r in mine], color=color, marker=marker, label=label,
+                        linewidth=1.8, markersize=7)
+                _annotate_ratios(ax, mine, metric, color, backend)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.margins(x=0.2, y=0.15)
         ax.set_title(f"V={v:,}  H={h}  {dtype}", fontsize=11)
         ax.set_xlabel("tokens N")
         ax.grid(True, which="both", alpha=0.3)
@@ -52,7 +72,8 @@ def kernel_figure(rows: Sequence[dict], suite: str, metric: str, path: str) -> b
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False)
     device = ok[0]["device"]
-    fig.suptitle(f"{'SDAR loss fwd+bwd' if suite == 'loss' else 'log-prob pass (no grad)'}: {word} vs N ({device})")
+    fig.suptitle(f"{'SDAR loss fwd+bwd' if suite == 'loss' else 'log-prob pass (no grad)'}: {word} vs N "
+                 f"({device}; ×r = ratio to naive, same run)")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -58,14 +58,15 @@ def op_profile(case: Case) -> dict[str, float]:
 
 
 def print_profiles(n: int, v: int, h: int, token_chunk: int, vocab_chunk: int) -> None:
-    rows = {b: op_profile(Case("loss", b, n, v, h, token_chunk=token_chunk, vocab_chunk=vocab_chunk))
-            for b in ("naive", "torch")}
-    keys = sorted(set().union(*rows.values()), key=lambda k: -rows["torch"].get(k, 0))
-    print(f"fwd+bwd self time by op group, N={n} V={v} H={h}, torch chunks {token_chunk}x{vocab_chunk}")
-    print(f"{'group':22s} {'naive s':>9s} {'torch s':>9s} {'torch/naive':>11s}")
+    kw = dict(token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+    rows = {"naive": op_profile(Case("loss", "naive", n, v, h, **kw)),
+            "rows": op_profile(Case("loss", "torch", n, v, h, **kw)),
+            "4-pass": op_profile(Case("loss", "torch", n, v, h, grad_in_forward=False, **kw))}
+    keys = sorted(set().union(*rows.values()), key=lambda k: -rows["rows"].get(k, 0))
+    print(f"fwd+bwd self time (s) by op group, N={n} V={v} H={h}, chunks {token_chunk}x{vocab_chunk}")
+    print(f"{'group':20s} " + " ".join(f"{name:>9s}" for name in rows))
     for k in keys:
-        a, b = rows["naive"].get(k, 0.0), rows["torch"].get(k, 0.0)
-        print(f"{k:22s} {a:9.2f} {b:9.2f} {b / a if a else float('inf'):11.2f}")
+        print(f"{k:20s} " + " ".join(f"{r.get(k, 0.0):9.2f}" for r in rows.values()))
 
 
 def _time(case: Case) -> float:
@@ -78,13 +79,15 @@ def _time(case: Case) -> float:
 
 
 def sweep(n: int, v: int, h: int, chunks: list[tuple[int, int]]) -> None:
-    """Time ratio torch/naive per chunk setting; naive re-timed next to each setting."""
+    """Time ratio torch/naive per chunk setting for both torch paths (grad-in-forward rows, and
+    the 4-pass chunked stats + recompute backward); naive re-timed next to each setting."""
     print(f"chunk sweep N={n} V={v} H={h} (each ratio: torch call vs a naive call right before it)")
     for tc, vc in chunks:
         naive = _time(Case("loss", "naive", n, v, h))
-        fused = _time(Case("loss", "torch", n, v, h, token_chunk=tc, vocab_chunk=vc))
-        print(f"token_chunk={tc:6d} vocab_chunk={vc:6d}  torch {fused:7.2f} s  naive {naive:7.2f} s  "
-              f"ratio {fused / naive:5.2f}", flush=True)
+        rows = _time(Case("loss", "torch", n, v, h, token_chunk=tc, vocab_chunk=vc))
+        four = _time(Case("loss", "torch", n, v, h, token_chunk=tc, vocab_chunk=vc, grad_in_forward=False))
+        print(f"token_chunk={tc:6d} vocab_chunk={vc:6d}  naive {naive:7.2f} s | rows (grad-in-fwd) {rows:7.2f} s "
+              f"x{rows / naive:4.2f} | 4-pass {four:7.2f} s x{four / naive:4.2f}", flush=True)
 
 
 def _chunk(text: str) -> tuple[int, int]:

@@ -79,10 +79,10 @@ def run_trainer(args: argparse.Namespace) -> list[dict]:
     if reason:
         log.warning("trainer suite skipped: %s", reason)
         return []
-    count = 8 if args.quick else 16
+    count = 8 if args.quick else 32
     samples = make_samples(count, vocab=2048, prompt_len=(16, 192), response_len=(8, 96))
     rows = bench_layouts(samples, tiny_model(), max_tokens=4096, per_batch=8, row_tokens=512,
-                         repeats=1 if args.quick else 2)
+                         repeats=1 if args.quick else 3)
     for r in rows:
         log.info("trainer %-13s pad %.3f  %.1f tok/s  x%.2f vs padded", r["layout"], r["pad_frac"],
                  r["tokens_per_s"], r["speedup_vs_padded"])
@@ -137,14 +137,15 @@ def write_results(out: str, meta: dict, kernel_rows: list[dict], trainer_rows: l
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point; returns 0 when every requested suite ran (skips are fine), 1 if a case failed."""
-    from .report import acceptance_lines, machine_info
+    from .report import acceptance_lines, code_version, machine_info
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = args.out or os.path.join("runs", f"bench-{stamp}")
     shown = sys.argv[1:] if argv is None else argv
-    meta = {"command": "python -m benchmarks.cli " + shlex.join(shown), "machine": machine_info()}
+    meta = {"command": "python -m benchmarks.cli " + shlex.join(shown), "machine": machine_info(),
+            "code": code_version()}
     t0 = time.perf_counter()
     suites = ["loss", "logprobs"] if args.suite == "all" else [args.suite]
     kernel_rows = run_kernels(args, [s for s in suites if s in ("loss", "logprobs")]) \

@@ -32,7 +32,8 @@ def _annotate_ratios(ax, rows: Sequence[dict], metric: str, color: str, backend:
         ratio = r.get(RATIO[metric])
         if ratio is not None:
             ax.annotate(f"×{ratio:.2f}", (r["n"], r[metric]), textcoords="offset points", xytext=(8, -4),
-                        color=color, fontsize=9, bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
+                        color=color, fontsize=9,
+                        bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
 
 
 def kernel_figure(rows: Sequence[dict], suite: str, metric: str, path: str) -> bool:
@@ -90,6 +91,12 @@ def trainer_figure(rows: Sequence[dict], path: str) -> bool:
     for bar, r in zip(bars, rows):
         ax.annotate(f"pad {r['pad_frac']:.0%}\n×{r['speedup_vs_padded']:.2f}", (bar.get_x() + bar.get_width() / 2,
                     bar.get_height()), ha="center", va="bottom", fontsize=9)
+    pad = next((r for r in rows if r["layout"] == "padded"), None)
+    if pad is not None and pad["pad_frac"] < 1:
+        ideal = pad["tokens_per_s"] / (1 - pad["pad_frac"])
+        ax.axhline(ideal, color="gray", linestyle="--", linewidth=1.2, label="padded / (1 - pad frac): ideal")
+        ax.axhline(0.9 * ideal, color="gray", linestyle=":", linewidth=1.2, label="0.9 x ideal (goal)")
+        ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
     ax.set_ylabel("real tokens / s (one optimizer step)")
     ax.set_title("trainer step, tiny model: packed vs padded")
     ax.margins(y=0.2)

@@ -20,10 +20,10 @@ import torch
 
 from .loss_cases import Case, make_inputs, prepare
 
-GROUPS = {"gemm": ("aten::mm", "aten::addmm", "aten::bmm"),
-          "exp/log": ("aten::exp", "aten::log", "aten::_log_softmax", "aten::_log_softmax_backward_data",
-                      "aten::log_softmax", "aten::logsumexp"),
-          "reduce": ("aten::max", "aten::sum", "aten::amax"),
+GROUPS = {"gemm": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"),
+          "exp/log": ("aten::exp", "aten::exp_", "aten::log", "aten::logsumexp", "aten::_log_softmax",
+                      "aten::_log_softmax_backward_data", "aten::log_softmax"),
+          "reduce": ("aten::max", "aten::sum", "aten::amax", "aten::linalg_vecdot", "aten::mul_sum"),
           "index": ("aten::gather", "aten::scatter_add_", "aten::where", "aten::scatter", "aten::index_select",
                     "aten::index_copy"),
           "copy/alloc": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::zeros", "aten::zero_", "aten::empty",
@@ -54,6 +54,9 @@ def op_profile(case: Case) -> dict[str, float]:
     for ev in prof.key_averages():
         out[_group(ev.key)] += ev.self_cpu_time_total / 1e6
     out["wall (profiled)"] = total
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    print(f"[{case.label}] top ops: " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e6:.2f}s" for e in top),
+          flush=True)
     return dict(out)
 
 

@@ -39,6 +39,25 @@ def machine_info() -> dict:
     return info
 
 
+def code_version() -> str:
+    """git commit of the checkout (+ "-dirty" when tracked files differ), or "unknown"."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if dirty else "")
+
+
+def _seconds(value) -> str:
+    if not isinstance(value, float):
+        return _fmt(value)
+    return f"{value:.0f}" if value >= 100 else (f"{value:.2f}" if value >= 1 else f"{value:.3g}")
+
+
 def write_csv(rows: Sequence[dict], path: str, columns: Optional[Sequence[str]] = None) -> None:
     """All rows, union of keys (``columns`` first, in order)."""
     keys = list(columns or [])
@@ -76,7 +95,7 @@ def kernel_table(rows: Sequence[dict]) -> str:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         body.append((r["suite"], str(r["n"]), str(r["v"]), str(r["h"]), r["dtype"], r["backend"],
                      _fmt(r.get("time_vs_naive"), ".2f"), _fmt(r.get("mem_vs_naive"), ".3f"),
-                     _fmt(r.get("time_s")), _fmt(r.get("peak_mib"), ".1f"), r.get("mem_method") or "–",
+                     _seconds(r.get("time_s")), _fmt(r.get("peak_mib"), ".1f"), r.get("mem_method") or "–",
                      str(r.get("repeats", 0)), status))
     return _table(header, body)
 
@@ -116,7 +135,7 @@ def markdown_report(meta: dict, kernel_rows: Sequence[dict], trainer_rows: Seque
     """The results.md of one run: machine, command, acceptance line, tables, plot links."""
     m = meta["machine"]
     out = [f"# sdar-engine benchmark results ({m['date_utc']} UTC)", "",
-           f"- command: `{meta['command']}`",
+           f"- command: `{meta['command']}` (code {meta.get('code', 'unknown')})",
            f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu']}, "
            f"torch {m['torch']}, 1-min load average at start {m.get('load_avg_1m', '?')}",
            f"- wall time of the run: {meta.get('wall_s', 0):.0f} s", ""]

@@ -123,12 +123,18 @@ class _RowLossFn(torch.autograd.Function):
         ctx.save_for_backward(*(t for t in (d_h, d_w, d_b) if t is not None))
         ctx.present = (d_h is not None, d_w is not None, d_b is not None)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.consumed = False
         return loss
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.consumed:
+            raise RuntimeError("the grad-in-forward SDAR loss supports a single backward; use "
+                               "LossConfig(grad_in_forward=False) for retain_graph / double backward")
+        ctx.consumed = True
         saved = iter(ctx.saved_tensors)
-        grads = [(next(saved) * grad).to(dt) if present else None for present, dt in zip(ctx.present, ctx.dtypes)]
+        # scaled in place: no second [V, H] buffer (the saved gradients are not needed again)
+        grads = [next(saved).mul_(grad).to(dt) if present else None for present, dt in zip(ctx.present, ctx.dtypes)]
         return grads[0], grads[1], grads[2], None, None, None
 
 

@@ -57,7 +57,7 @@ class AlfworldSuite:
 
     def __init__(self, seed: int = 0, num_train: int | None = None, num_test: int | None = None,
                  room_size: str = "small", data_dir: str | None = None,
-                 max_steps: int = MAX_STEPS) -> None:
+                 max_steps: int = MAX_STEPS, task_types: list[str] | None = None) -> None:
         if not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} is not valid; use an int")
         _check_count("num_train", num_train)
@@ -66,6 +66,9 @@ class AlfworldSuite:
             raise ValueError(f"room_size={room_size!r} is not valid; use one of {sorted(ROOM_SIZES)}")
         if not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps={max_steps!r} is not valid; use an int >= 1")
+        if task_types is not None and (not task_types or any(t not in SHORT_TYPES for t in task_types)):
+            raise ValueError(f"task_types={task_types!r} is not valid; use a non-empty list of {list(SHORT_TYPES)}")
+        self.task_types = list(task_types) if task_types is not None else list(SHORT_TYPES)
         self.seed, self.room_size, self.max_steps = seed, room_size, max_steps
         self.counts = {"train": num_train, "test": num_test}
         if data_dir is None:  # the wheel sets $ALFWORLD_DATA itself: use it only if it has games
@@ -83,14 +86,15 @@ class AlfworldSuite:
 
     # ------------------------------------------------------------------ task ids
     def task_ids(self, split: str) -> list[str]:
-        """Task ids of ``split`` ("train" | "test"); generated ids cycle through the 6 types."""
+        """Task ids of ``split`` ("train" | "test"); generated ids cycle through ``task_types``."""
         self._check_split(split)
+        types = self.task_types
         if self.data_dir is not None:
-            ids = list(self._files[split])
+            ids = [i for i in self._files[split] if self._parse(i)[1] in types]
             limit = self.counts[split]
             return ids if limit is None else ids[:limit]
         n = self.counts[split] if self.counts[split] is not None else DEFAULT_COUNTS[split]
-        return [f"alfworld/{split}/{SHORT_TYPES[i % 6]}/{i // 6}" for i in range(n)]
+        return [f"alfworld/{split}/{types[i % len(types)]}/{i // len(types)}" for i in range(n)]
 
     def make_game(self, task_id: str) -> AlfworldGame:
         """The game of ``task_id`` (generated and cached on first use)."""
@@ -162,8 +166,9 @@ class AlfworldSuite:
 
 def build_suite(seed: int = 0, **options: object) -> AlfworldSuite:
     """The ALFWorld suite. Options: num_train, num_test, room_size ("small"|"alfworld"),
-    data_dir (downloaded games; default $ALFWORLD_DATA, else generated), max_steps (50)."""
-    allowed = {"num_train", "num_test", "room_size", "data_dir", "max_steps"}
+    data_dir (downloaded games; default $ALFWORLD_DATA, else generated), max_steps (50),
+    task_types (a subset of the six short type names; default all)."""
+    allowed = {"num_train", "num_test", "room_size", "data_dir", "max_steps", "task_types"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"options {unknown} are not valid for alfworld; use {sorted(allowed)}")

@@ -77,13 +77,6 @@ def _merge(x: _Online, y: _Online, divergence: str) -> _Online:
     return out
 
 
-def _check_teacher(teacher_hidden, teacher_weight, spec: StatsSpec) -> None:
-    if spec.divergence != "none" and (teacher_hidden is None or teacher_weight is None):
-        raise ValueError(
-            f"divergence={spec.divergence!r} needs teacher_hidden [N, H_T] and teacher_weight [V, H_T]; got None"
-        )
-
-
 def _jsd_tile(lp: Tensor, lq: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """log M and the per-element log p - log M for the JSD mixture M = beta q + (1-beta) p."""
     if beta == 0.0:
@@ -99,7 +92,6 @@ def _jsd_tile(lp: Tensor, lq: Tensor, beta: float) -> tuple[Tensor, Tensor]:
 def stats_forward(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias,
                   spec: StatsSpec) -> Stats:
     """Per-token statistics (see kernels/stats.py); hidden [N, H], weight [V, H], targets [N]."""
-    _check_teacher(teacher_hidden, teacher_weight, spec)
     n, v = hidden.shape[0], weight.shape[0]
     acc = accum_dtype(hidden.dtype)
     tau, div = spec.temperature, spec.divergence
@@ -160,6 +152,18 @@ def _jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
         out["div"][t0:t1] = beta * kl_qm + (1.0 - beta) * kl_pm
 
 
+def div_grad(p: Tensor, lp: Tensor, lq: Tensor, aux: Optional[Tensor], g_div: Tensor, divergence: str,
+             beta: float) -> Tensor:
+    """g_div * dD/dz for one tile (kernels/stats.py): p, log p, log q [n, v]; aux = KL(p||q) for
+    reverse_kl, KL(p||M) for jsd."""
+    if divergence == "reverse_kl":
+        return g_div[:, None] * p * (lp - lq - aux[:, None])
+    if divergence == "forward_kl":
+        return g_div[:, None] * (p - lq.exp())
+    _, lp_m = _jsd_tile(lp, lq, beta)
+    return ((1.0 - beta) * g_div)[:, None] * p * (lp_m - aux[:, None])
+
+
 def _dlogits(z, lse, y_local, inside, g_logp, g_entropy, entropy, g_div, zt, tlse, div_aux, spec):
     """dL/dz for one tile (fp32/fp64), the per-token linear combination of kernels/stats.py.
 
@@ -174,14 +178,7 @@ def _dlogits(z, lse, y_local, inside, g_logp, g_entropy, entropy, g_div, zt, tls
         if g_entropy is not None:
             dz -= g_entropy[:, None] * p * (lp + entropy[:, None])
         if g_div is not None:
-            lq = zt.sub_(tlse[:, None])
-            if spec.divergence == "reverse_kl":
-                dz += g_div[:, None] * p * (lp - lq - div_aux[:, None])
-            elif spec.divergence == "forward_kl":
-                dz += g_div[:, None] * (p - lq.exp())
-            else:  # jsd
-                _, lp_m = _jsd_tile(lp, lq, spec.jsd_beta)
-                dz += ((1.0 - spec.jsd_beta) * g_div)[:, None] * p * (lp_m - div_aux[:, None])
+            dz += div_grad(p, lp, zt.sub_(tlse[:, None]), div_aux, g_div, spec.divergence, spec.jsd_beta)
     if g_logp is not None:
         cols = y_local.clamp(0, z.shape[1] - 1)[:, None]
         dz.scatter_add_(1, cols, torch.where(inside, g_logp, 0.0)[:, None])

@@ -96,7 +96,8 @@ def _validate(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, spec: S
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [V]={weight.shape[0]}; got shape {tuple(bias.shape)}")
     if targets.shape != (hidden.shape[0],) or targets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"targets must be int64 [N]={hidden.shape[0]}; got {targets.dtype} {tuple(targets.shape)}")
+        raise ValueError(f"targets must be int64 or int32 [N]={hidden.shape[0]}; got {targets.dtype} "
+                         f"{tuple(targets.shape)}")
     if spec.divergence not in DIVERGENCES:
         raise ValueError(f"divergence={spec.divergence!r} is invalid; valid choices: {', '.join(DIVERGENCES)}")
     if targets.device.type == "cpu" and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):

@@ -1,8 +1,9 @@
 """Public entry points: the fused SDAR loss and the fused per-token log-prob pass."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -28,6 +29,30 @@ class SDAROutput:
     entropy: Optional[Tensor] = None
 
 
+def _own_precision(fn: Callable) -> Callable:
+    """The kernels pick their own precisions (fp32 statistics and accumulation): an enclosing
+    autocast region must not recast their GEMMs to bf16. Under autocast the trunk hands over bf16
+    hidden states next to an fp32 lm_head; the weight then follows hidden's dtype (differentiably)."""
+
+    @functools.wraps(fn)
+    def wrapper(hidden: Tensor, weight: Tensor, *args, **kwargs):
+        if torch.is_autocast_enabled(hidden.device.type):
+            if weight.dtype != hidden.dtype and hidden.dtype != torch.float64:
+                weight = weight.to(hidden.dtype)
+                for name in ("bias", "teacher_bias"):
+                    if kwargs.get(name) is not None:
+                        kwargs[name] = kwargs[name].to(hidden.dtype)
+                if kwargs.get("teacher_weight") is not None:
+                    kwargs["teacher_weight"] = kwargs["teacher_weight"].to(hidden.dtype)
+            if kwargs.get("teacher_hidden") is not None:
+                kwargs["teacher_hidden"] = kwargs["teacher_hidden"].to(hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fn(hidden, weight, *args, **kwargs)
+
+    return wrapper
+
+
+@_own_precision
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
                           with_entropy: bool = False, bias: Optional[Tensor] = None,
                           mask: Optional[Tensor] = None, backend: str = "auto", token_chunk: int = 1024,
@@ -40,6 +65,9 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, tempe
     """
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} is invalid; expected a number > 0")
+    for name, value in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid; expected an integer >= 1")
     if backend == "reference":
         from .reference import reference_stats
 
@@ -60,11 +88,14 @@ def _check_inputs(n: int, cfg: LossConfig, **tensors) -> None:
         if t is not None and tuple(t.shape) != (n,):
             raise ValueError(f"{name} must be [N]={n}; got shape {tuple(t.shape)}")
     if cfg.uses_teacher and tensors.get("teacher_logprobs") is None:
-        raise ValueError(f"teacher_use={cfg.teacher_use!r} with sd_coef={cfg.sd_coef} needs teacher_logprobs [N]")
+        detail = "" if cfg.teacher_use == "rlsd" else f" with sd_coef={cfg.sd_coef}"
+        raise ValueError(f"teacher_use={cfg.teacher_use!r}{detail} needs teacher_logprobs [N] (the gap "
+                         "t - s drives the gate and the advantage reweighting)")
     if cfg.kl_coef != 0 and tensors.get("ref_logprobs") is None:
         raise ValueError(f"kl_coef={cfg.kl_coef} needs ref_logprobs [N] (or set kl_coef=0)")
 
 
+@_own_precision
 def fused_linear_sdar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor,
                            old_logprobs: Tensor, loss_mask: Tensor,
                            teacher_logprobs: Optional[Tensor] = None,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import terms
-from .chunked import _jsd_tile, _logits
+from .chunked import _jsd_tile, _logits, div_grad
 from .config import LossConfig
 from .stats import accum_dtype
 
@@ -58,6 +58,8 @@ def _coefficients(logp, entropy, div, rows: dict, cfg: LossConfig):
         tt = terms.token_terms(leaves[0], leaves[1], leaves[2], rows["adv"], rows["old"], rows["teacher"],
                                rows["ref"], cfg)
         loss = (rows["w"] * terms.token_loss(tt, leaves[1], cfg)).sum()
+        if not loss.requires_grad:  # every coefficient is zero: nothing depends on the logits
+            return loss.detach(), [None, None, None]
         wanted = [x for x in leaves if x is not None]
         grads = iter(torch.autograd.grad(loss, wanted, allow_unused=True))
     return loss.detach(), [next(grads) if x is not None else None for x in leaves]
@@ -70,13 +72,7 @@ def _dlogits(p, lp, y, g_logp, g_ent, entropy, g_div, lq, aux, cfg: LossConfig) 
     if g_ent is not None:
         dz -= g_ent[:, None] * p * (lp + entropy[:, None])
     if g_div is not None:
-        if cfg.divergence == "reverse_kl":
-            dz += g_div[:, None] * p * (lp - lq - aux[:, None])
-        elif cfg.divergence == "forward_kl":
-            dz += g_div[:, None] * (p - lq.exp())
-        else:
-            _, lp_m = _jsd_tile(lp, lq, cfg.jsd_beta)
-            dz += ((1 - cfg.jsd_beta) * g_div)[:, None] * p * (lp_m - aux[:, None])
+        dz += div_grad(p, lp, lq, aux, g_div, cfg.divergence, cfg.jsd_beta)
     return dz
 
 

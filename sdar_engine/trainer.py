@@ -115,6 +115,8 @@ class Trainer:
         self.step = 0
         if resume:
             self._resume()
+            if hasattr(self.backend, "sync_weights"):  # a separate serving engine loaded model.path
+                self.backend.sync_weights(self.model)
 
     def _frozen_copy(self) -> Any:
         ref = copy.deepcopy(self.model)

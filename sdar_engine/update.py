@@ -37,7 +37,7 @@ def _ensure_scored(model: Any, samples: Sequence[Sample], cfg: Any, max_tokens: 
                          "set sample.teacher_prompt_ids on every sample (or use divergence='sampled')")
     if any(s.old_logp is None for s in samples):
         score_samples(model, samples, max_tokens, "old", cfg.temperature, row_tokens=row_tokens)
-    if cfg.uses_teacher and not cfg.full_vocab_divergence and any(s.teacher_logp is None for s in samples):
+    if cfg.uses_teacher and any(s.teacher_logp is None for s in samples):
         raise ValueError(f"LossConfig.teacher_use={cfg.teacher_use!r} needs sample.teacher_logp; call "
                          "score_samples(policy, samples, max_tokens, 'teacher', T) right after the rollout")
     if cfg.kl_coef != 0 and any(s.ref_logp is None for s in samples):
@@ -45,6 +45,14 @@ def _ensure_scored(model: Any, samples: Sequence[Sample], cfg: Any, max_tokens: 
             raise ValueError(f"LossConfig.kl_coef={cfg.kl_coef} needs ref_model (a frozen copy of the "
                              "initial weights) or sample.ref_logp; or set kl_coef=0")
         score_samples(ref_model, samples, max_tokens, "ref", cfg.temperature, row_tokens=row_tokens)
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo (and no process group) take CPU tensors."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def global_normalizer(samples: Sequence[Sample], agg: str, loss_scale_factor: Optional[float]) -> float:
@@ -58,7 +66,7 @@ def global_normalizer(samples: Sequence[Sample], agg: str, loss_scale_factor: Op
         return float(all_reduce_max(max(len(s.response_ids) for s in samples)))
     else:
         local = [float(len(samples))]
-    t = torch.tensor(local, dtype=torch.float64)
+    t = torch.tensor(local, dtype=torch.float64, device=_collective_device())
     return float(all_reduce_sum(t)[0])
 
 
@@ -149,8 +157,9 @@ def policy_update(model: Any, optimizer: torch.optim.Optimizer, samples: Sequenc
 
     Fills missing old log-probs (on-policy: the current weights) and reference log-probs
     (``ref_model``); teacher log-probs must already be on the samples when the loss uses them.
-    Full-vocabulary divergences (reverse_kl, forward_kl, jsd) instead run the teacher stream
-    (teacher_prompt_ids + response) through the current weights without grad per micro-batch.
+    Full-vocabulary divergences (reverse_kl, forward_kl, jsd) also run the teacher stream
+    (teacher_prompt_ids + response) through the current weights without grad per micro-batch;
+    the gate still reads teacher log-probs, so those must be on the samples too.
     ``grad_clip`` <= 0 disables clipping (the norm is still reported). ``scheduler`` (optional)
     steps after the optimizer. ``autocast_dtype`` None means bf16 autocast on CUDA, none on CPU.
     """

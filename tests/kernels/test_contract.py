@@ -163,3 +163,26 @@ def test_importing_the_kernels_loads_nothing_else_of_ours():
     code = ("import sdar_kernels, sys; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('transformers', 'sdar_engine', 'sdar_envs')]; print(bad); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_autocast_does_not_recast_the_kernels():
+    """Inside a bf16 autocast region the statistics stay fp32-accurate (no bf16 GEMM logits)."""
+    p = make_problem(64, 32, 500, fresh_seed(), scale=3.0)
+    h = p.hidden.float().requires_grad_(True)
+    w = p.weight.float().requires_grad_(True)
+    cfg = LossConfig.preset("sdar", backend="torch")
+    plain = fused_linear_sdar_loss(h, w, p.targets, p.advantages, p.old, p.mask, teacher_logprobs=p.teacher,
+                                   ref_logprobs=p.ref, config=cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = fused_linear_sdar_loss(h, w, p.targets, p.advantages, p.old, p.mask, teacher_logprobs=p.teacher,
+                                      ref_logprobs=p.ref, config=cfg)
+    cast.loss.backward()
+    assert rel_err(cast.logprobs, plain.logprobs) <= 1e-5
+    assert h.grad is not None and w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_a_loss_with_every_coefficient_zero_is_zero_with_zero_gradients():
+    p = make_problem(20, 8, 30, fresh_seed())
+    cfg = LossConfig.preset("grpo", backend="torch", policy_coef=0.0, kl_coef=0.0)
+    loss, grads, _ = run_loss(p, cfg, torch.float64)
+    assert loss.item() == 0.0 and all(g.abs().max() == 0 for g in grads)

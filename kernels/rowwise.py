@@ -30,24 +30,33 @@ def row_chunk(n: int, v: int, cfg: LossConfig) -> int:
     return max(1, min(cfg.token_chunk, ROW_BUDGET // max(v, 1), (n - 1) // 8))
 
 
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_v a[i, v] b[i, v] as a batched GEMV: no [rows, V] temporary (vecdot makes one on CPU)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def _row_stats(z: Tensor, y: Tensor, zt: Optional[Tensor], cfg: LossConfig):
-    """logp, entropy, divergence and the log-probabilities of whole rows (z is overwritten)."""
-    lse = torch.logsumexp(z, 1)
-    logp = z.gather(1, y[:, None])[:, 0] - lse
-    lp = z.sub_(lse[:, None])
-    p = lp.exp()
-    entropy = -torch.linalg.vecdot(p, lp)
+    """logp, entropy, divergence and the log-probabilities of whole rows.
+
+    Two [rows, V] buffers: z becomes log p in place, p = e^(z - max) / sum is the other."""
+    d = z.sub_(z.amax(1)[:, None])
+    p = d.exp()
+    total = p.sum(1)
+    p.div_(total[:, None])
+    lp = d.sub_(total.log()[:, None])
+    logp = lp.gather(1, y[:, None])[:, 0]
+    entropy = -_rowdot(p, lp)
     if zt is None:
         return logp, entropy, None, lp, p, None, None
     lq = zt.sub_(torch.logsumexp(zt, 1)[:, None])
     if cfg.divergence == "reverse_kl":
-        div = torch.linalg.vecdot(p, lp - lq)
+        div = _rowdot(p, lp - lq)
         return logp, entropy, div, lp, p, lq, div
     if cfg.divergence == "forward_kl":
-        return logp, entropy, torch.linalg.vecdot(lq.exp(), lq - lp), lp, p, lq, None
+        return logp, entropy, _rowdot(lq.exp(), lq - lp), lp, p, lq, None
     lm, lp_m = _jsd_tile(lp, lq, cfg.jsd_beta)
-    kl_pm = torch.linalg.vecdot(p, lp_m)
-    div = cfg.jsd_beta * torch.linalg.vecdot(lq.exp(), lq - lm) + (1 - cfg.jsd_beta) * kl_pm
+    kl_pm = _rowdot(p, lp_m)
+    div = cfg.jsd_beta * _rowdot(lq.exp(), lq - lm) + (1 - cfg.jsd_beta) * kl_pm
     return logp, entropy, div, lp, p, lq, kl_pm
 
 
@@ -66,6 +75,11 @@ def _coefficients(logp, entropy, div, rows: dict, cfg: LossConfig):
 
 
 def _dlogits(p, lp, y, g_logp, g_ent, entropy, g_div, lq, aux, cfg: LossConfig) -> Tensor:
+    """dL/dz of whole rows; overwrites p (no third [rows, V] buffer in the common case)."""
+    if g_ent is None and g_div is None and g_logp is not None:
+        dz = p.mul_(-g_logp[:, None])
+        dz.scatter_add_(1, y[:, None], g_logp[:, None])
+        return dz
     dz = p * (-g_logp[:, None]) if g_logp is not None else torch.zeros_like(p)
     if g_logp is not None:
         dz.scatter_add_(1, y[:, None], g_logp[:, None])
@@ -115,22 +129,23 @@ class _RowLossFn(torch.autograd.Function):
                 d_w.addmm_(dz.T.to(d_w.dtype), h.to(d_w.dtype))
             if d_b is not None:
                 d_b += dz.sum(0).to(d_b.dtype)
+            del lp, p, lq, dz, zt  # free this chunk's [rows, V] tiles before the next one is made
         out.update(stats)
-        ctx.save_for_backward(*(t for t in (d_h, d_w, d_b) if t is not None))
-        ctx.present = (d_h is not None, d_w is not None, d_b is not None)
+        # Held on ctx (not save_for_backward) so that backward can hand them over without a
+        # second reference: AccumulateGrad then adopts the buffer instead of copying [V, H].
+        ctx.grads = [d_h, d_w, d_b]
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.consumed = False
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.consumed:
+        if ctx.grads is None:
             raise RuntimeError("the grad-in-forward SDAR loss supports a single backward; use "
                                "LossConfig(grad_in_forward=False) for retain_graph / double backward")
-        ctx.consumed = True
-        saved = iter(ctx.saved_tensors)
-        # scaled in place: no second [V, H] buffer (the saved gradients are not needed again)
-        grads = [next(saved).mul_(grad).to(dt) if present else None for present, dt in zip(ctx.present, ctx.dtypes)]
+        held, ctx.grads = ctx.grads, None
+        # scaled in place and handed over: no second [V, H] buffer
+        grads = [None if g is None else g.mul_(grad).to(dt) for g, dt in zip(held, ctx.dtypes)]
+        del held
         return grads[0], grads[1], grads[2], None, None, None
 
 

@@ -42,12 +42,14 @@ class _Online:
     a: Optional[Tensor] = None  # KL accumulator (see _tile_state)
 
 
-def _tile_state(z: Tensor, zt: Optional[Tensor], divergence: str) -> _Online:
-    """State of one tile; overwrites z (and zt) with z - max in place to save a pass."""
+def _tile_state(z: Tensor, zt: Optional[Tensor], divergence: str, with_entropy: bool) -> _Online:
+    """State of one tile; overwrites z (and zt) with z - max in place to save a pass.
+    The entropy accumulator is skipped (zeros) unless the entropy or reverse KL needs it."""
     m = z.amax(dim=1)
     d = z.sub_(m[:, None])
     ez = d.exp()
-    st = _Online(m=m, s=ez.sum(1), e=torch.linalg.vecdot(ez, d))
+    need_e = with_entropy or divergence == "reverse_kl"
+    st = _Online(m=m, s=ez.sum(1), e=torch.linalg.vecdot(ez, d) if need_e else torch.zeros_like(m))
     if zt is not None:
         st.mt = zt.amax(dim=1)
         dt = zt.sub_(st.mt[:, None])
@@ -108,7 +110,7 @@ def stats_forward(hidden, weight, bias, targets, teacher_hidden, teacher_weight,
             zt = _logits(ht, teacher_weight, teacher_bias, v0, v1, tau) if with_teacher else None
             inside = (y >= v0) & (y < v1)
             zy += torch.where(inside, z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0.0)
-            tile = _tile_state(z, zt, div)
+            tile = _tile_state(z, zt, div, spec.with_entropy)
             state = tile if state is None else _merge(state, tile, div)
         log_s = state.s.log()
         lse = state.m + log_s

@@ -26,7 +26,7 @@ OPTIONS = [
 PRESETS = ["grpo", "sdar", "grpo_opsd", "opsd", "skill_sd", "rlsd"]
 
 
-def _compare(cfg: LossConfig, dtype: torch.dtype, tol: float, n=77, h=31, v=123, scale=3.0,
+def _check_against_reference(cfg: LossConfig, dtype: torch.dtype, tol: float, n=77, h=31, v=123, scale=3.0,
              grad_in_forward: bool = True, **kw) -> None:
     seed = fresh_seed()
     # the oracle sees exactly the (rounded) values the kernel sees: the error is the kernel's alone
@@ -48,12 +48,12 @@ def _compare(cfg: LossConfig, dtype: torch.dtype, tol: float, n=77, h=31, v=123,
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("grad_in_forward", [True, False], ids=["rows", "tiles"])
 def test_every_option_matches_reference(opts, dtype, tol, grad_in_forward):
-    _compare(LossConfig.preset("sdar", **opts), dtype, tol, grad_in_forward=grad_in_forward)
+    _check_against_reference(LossConfig.preset("sdar", **opts), dtype, tol, grad_in_forward=grad_in_forward)
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_match_reference(name):
-    _compare(LossConfig.preset(name), torch.float64, 1e-9)
+    _check_against_reference(LossConfig.preset(name), torch.float64, 1e-9)
 
 
 def test_gradients_are_nonzero_and_reference_differs_when_option_differs():

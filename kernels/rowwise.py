@@ -38,12 +38,12 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 def _row_stats(z: Tensor, y: Tensor, zt: Optional[Tensor], cfg: LossConfig):
     """logp, entropy, divergence and the log-probabilities of whole rows.
 
-    Two [rows, V] buffers: z becomes log p in place, p = e^(z - max) / sum is the other."""
-    d = z.sub_(z.amax(1)[:, None])
-    p = d.exp()
-    total = p.sum(1)
-    p.div_(total[:, None])
-    lp = d.sub_(total.log()[:, None])
+    Two [rows, V] buffers: z becomes log p in place, p is the other."""
+    lse = z.amax(1)
+    p = torch.sub(z, lse[:, None]).exp_()
+    lse += p.sum(1).log_()
+    lp = z.sub_(lse[:, None])
+    torch.exp(lp, out=p)  # p = exp(log p) again: the same rounding as log_softmax
     logp = lp.gather(1, y[:, None])[:, 0]
     entropy = -_rowdot(p, lp)
     if zt is None:

@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.sdar-installed
 REQS := $(wildcard requirements/*.txt)
 ARGS ?=
+# The compile gate compiles every bf16 kernel specialization for sm_90a and sm_80 (~1-3 min).
+SDAR_COMPILE_GATE ?= full
 
 .PHONY: install demo test bench clean-venv
 
@@ -24,7 +26,7 @@ demo: install
 	$(BIN)/sdar demo $(ARGS)
 
 test: install
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests benchmarks --benchmark-disable -q -p no:cacheprovider $(ARGS)
+	SDAR_COMPILE_GATE=$(SDAR_COMPILE_GATE) TRITON_INTERPRET=1 $(BIN)/python -m pytest tests benchmarks --benchmark-disable -q -p no:cacheprovider $(ARGS)
 
 bench: install
 	$(BIN)/sdar bench $(ARGS)

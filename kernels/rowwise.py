@@ -39,11 +39,10 @@ def _row_stats(z: Tensor, y: Tensor, zt: Optional[Tensor], cfg: LossConfig):
     """logp, entropy, divergence and the log-probabilities of whole rows.
 
     Two [rows, V] buffers: z becomes log p in place, p is the other."""
-    lse = z.amax(1)
-    p = torch.sub(z, lse[:, None]).exp_()
-    lse += p.sum(1).log_()
-    lp = z.sub_(lse[:, None])
-    torch.exp(lp, out=p)  # p = exp(log p) again: the same rounding as log_softmax
+    d = z.sub_(z.amax(1)[:, None])  # z - max: exact 0 at the max, no rounding of a large lse
+    p = d.exp()
+    lp = d.sub_(p.sum(1).log_()[:, None])
+    torch.exp(lp, out=p)  # p = exp(log p): consistent with lp to the last bit
     logp = lp.gather(1, y[:, None])[:, 0]
     entropy = -_rowdot(p, lp)
     if zt is None:

@@ -75,12 +75,11 @@ def _coefficients(logp, entropy, div, rows: dict, cfg: LossConfig):
 
 def _dlogits(p, lp, y, g_logp, g_ent, entropy, g_div, lq, aux, cfg: LossConfig) -> Tensor:
     """dL/dz of whole rows; overwrites p (no third [rows, V] buffer in the common case)."""
-    if g_ent is None and g_div is None and g_logp is not None:
-        dz = p.mul_(-g_logp[:, None])
-        dz.scatter_add_(1, y[:, None], g_logp[:, None])
-        return dz
-    dz = p * (-g_logp[:, None]) if g_logp is not None else torch.zeros_like(p)
-    if g_logp is not None:
+    only_logp = g_ent is None and g_div is None  # then p is not needed again: reuse its buffer
+    if g_logp is None:
+        dz = torch.zeros_like(p)
+    else:
+        dz = p.mul_(-g_logp[:, None]) if only_logp else p * (-g_logp[:, None])
         dz.scatter_add_(1, y[:, None], g_logp[:, None])
     if g_ent is not None:
         dz -= g_ent[:, None] * p * (lp + entropy[:, None])

@@ -38,7 +38,8 @@ SUITES: dict[str, SuiteSpec] = {
 
 # Options consumed by BatchEnv; every other keyword goes to the suite's build_suite.
 log = logging.getLogger("sdar_envs")
-_ENV_OPTIONS = ("history_length", "invalid_penalty", "num_workers", "skill_top_k", "ucb_c")
+_ENV_OPTIONS = ("history_length", "invalid_penalty", "num_workers", "skill_top_k", "ucb_c",
+                "prompt_style", "expert_think")
 
 
 def _spec(name: str) -> SuiteSpec:
@@ -81,7 +82,7 @@ def make(name: str, split: str = "train", seed: int = 0, **options: Any) -> Batc
     """Build a BatchEnv for suite ``name`` ("alfworld" | "webshop" | "searchqa").
 
     Env options: history_length, invalid_penalty, num_workers, skill_top_k, ucb_c (defaults
-    per suite). All other options are passed to the suite's ``build_suite``.
+    per suite), prompt_style ("verl-agent" | "compact"), expert_think ("plan" | "empty"). All other options are passed to the suite's ``build_suite``.
     """
     spec = _spec(name)
     if not isinstance(seed, int):

@@ -11,7 +11,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from .memory import Memory
 from .projection import project
-from .prompts import render_prompt, render_teacher_prompt, to_raw_action
+from .prompts import (PROMPT_STYLES, THINK_STYLES, check_style, render_prompt, render_teacher_prompt,
+                      to_raw_action)
 from .skills import SkillBank, load_skill_bank
 from .workers import GameMeta, make_runner
 
@@ -71,7 +72,8 @@ class BatchEnv:
                  suite_options: dict[str, Any] | None = None, *, style: str = "action",
                  history_length: int = 2, invalid_penalty: float = 0.1,
                  num_workers: int = 0, skill_top_k: int = 3, ucb_c: float = 1.0,
-                 skill_bank: SkillBank | None = None) -> None:
+                 skill_bank: SkillBank | None = None, prompt_style: str = "verl-agent",
+                 expert_think: str = "plan") -> None:
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not valid; use one of {SPLITS}")
         for field, value in (("history_length", history_length), ("num_workers", num_workers),
@@ -81,6 +83,8 @@ class BatchEnv:
         if not (isinstance(invalid_penalty, (int, float)) and invalid_penalty >= 0):
             raise ValueError(f"invalid_penalty={invalid_penalty!r} is not valid; use a float >= 0")
         self.name, self.split, self.seed, self.style = name, split, seed, style
+        self.prompt_style = check_style("prompt_style", prompt_style, PROMPT_STYLES)
+        self.expert_think = check_style("expert_think", expert_think, THINK_STYLES)
         self.history_length, self.invalid_penalty = history_length, float(invalid_penalty)
         self.skill_top_k = skill_top_k
         self._task_ids = list(suite.task_ids(split))
@@ -187,7 +191,7 @@ class BatchEnv:
         self._require_reset()
         live = [i for i in range(self.num_envs) if not self._dones[i]]
         projected = dict(zip(live, self._runner.expert(live)))
-        return [to_raw_action(projected.get(i, ""), self.style, self._metas[i].task_type)
+        return [to_raw_action(projected.get(i, ""), self.style, self._metas[i].task_type, self.expert_think)
                 for i in range(self.num_envs)]
 
     # ------------------------------------------------------------------ prompts
@@ -196,7 +200,7 @@ class BatchEnv:
         self._check_index(i)
         meta = self._metas[i]
         return render_prompt(self.name, meta.task_text, self._memories[i], self._obs[i],
-                             self._infos[i]["admissible_actions"], self.history_length)
+                             self._infos[i]["admissible_actions"], self.history_length, self.prompt_style)
 
     def teacher_prompt(self, i: int, retrieval: str = "keyword") -> str:
         """Privileged-skills header (skills retrieved for env ``i``'s task) + student prompt."""

@@ -1,7 +1,10 @@
 """Student and teacher prompt templates, one per env, in the verl-agent manner.
 
 Prompts are deliberately short: the trainer's tiny CPU model pays for every token.
-Student prompt = task + last k steps + current observation + admissible actions + format.
+Student prompt, style "verl-agent" (default) = task + last k (observation, action) pairs +
+current observation + admissible actions + format instruction, as verl-agent writes it.
+Style "compact" = task + last k actions + current observation + admissible actions, no
+boilerplate: about half the tokens, for small models trained from scratch on a CPU budget.
 Teacher prompt = "## Privileged skills (teacher only)" header with retrieved skills + student prompt.
 """
 from __future__ import annotations
@@ -14,6 +17,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .skills import Skill
 
 TEACHER_HEADER = "## Privileged skills (teacher only)"
+PROMPT_STYLES = ("verl-agent", "compact")
+THINK_STYLES = ("plan", "empty")  # the expert's <think> text: a one-line plan, or nothing
+_WELCOME = "-= Welcome to TextWorld, ALFRED! =-"
+_NOT_LISTED = ("help", "inventory", "look")  # always admissible in ALFWorld; "compact" hides them
 
 _ACTION_FORMAT = ("First reason briefly inside <think> </think>. Then give exactly one "
                   "admissible action inside <action> </action>.")
@@ -37,11 +44,20 @@ def _admissible_text(name: str, admissible: Sequence[str]) -> str:
     return ", ".join(f"'{a}'" for a in acts)
 
 
+def check_style(field: str, value: str, valid: Sequence[str]) -> str:
+    if value not in valid:
+        raise ValueError(f"{field}={value!r} is not valid; use one of {tuple(valid)}")
+    return value
+
+
 def render_prompt(name: str, task_text: str, memory: Memory, observation: str,
-                  admissible: Sequence[str], history_length: int) -> str:
+                  admissible: Sequence[str], history_length: int, style: str = "verl-agent") -> str:
     """The student prompt for one env at its current step (a plain string, no chat markup)."""
+    check_style("prompt_style", style, PROMPT_STYLES)
     if name == "searchqa":
         return _render_search(task_text, memory, history_length)
+    if style == "compact":
+        return _render_compact(name, task_text, memory, observation, admissible, history_length)
     intro = _INTRO.get(name, "Your task is to: {task}").format(task=task_text)
     parts = [intro]
     step = len(memory)
@@ -55,6 +71,27 @@ def render_prompt(name: str, task_text: str, memory: Memory, observation: str,
         parts.append(f"Admissible actions: [{acts}]")
     parts.append(_ACTION_FORMAT)
     return "\n".join(parts)
+
+
+def _render_compact(name: str, task_text: str, memory: Memory, observation: str,
+                    admissible: Sequence[str], history_length: int) -> str:
+    """Task / Done (last k actions) / Now (observation) / Actions, one line each.
+
+    ALFWorld's welcome banner and repeated task line are cut from the observation, and the
+    always-admissible help / inventory / look are not listed (they stay admissible).
+    """
+    lines = [f"Task: {task_text}"]
+    recent = memory.recent(history_length)
+    if recent:
+        lines.append("Done: " + "; ".join(r.action for _, r in recent))
+    obs = observation
+    if name == "alfworld":
+        obs = obs.replace(_WELCOME, "").split("\n\nYour task is to:")[0]
+    lines.append("Now: " + " ".join(obs.split()))
+    acts = [a for a in admissible if not (name == "alfworld" and a.strip() in _NOT_LISTED)]
+    if acts:
+        lines.append("Actions: " + " | ".join(acts))
+    return "\n".join(lines)
 
 
 def _render_search(question: str, memory: Memory, history_length: int) -> str:
@@ -71,16 +108,22 @@ def render_teacher_prompt(skills: Sequence["Skill"], student_prompt: str) -> str
     return "\n".join(lines) + "\n\n" + student_prompt
 
 
-def to_raw_action(projected: str, style: str, task_type: str = "") -> str:
-    """Projected action -> raw model format with a short reason; "" stays "" (env done)."""
+def to_raw_action(projected: str, style: str, task_type: str = "", think: str = "plan") -> str:
+    """Projected action -> raw model format with a short reason; "" stays "" (env done).
+
+    ``think="empty"`` writes ``<think></think>`` (still a valid step) for models too small to
+    profit from a reason.
+    """
+    check_style("expert_think", think, THINK_STYLES)
     if not projected:
         return ""
+    plan = think == "plan"
     if style == "search":
         for kind, reason in (("search", "I need to look this up."),
                              ("answer", "The results give me the answer.")):
             if projected.startswith(kind + "[") and projected.endswith("]"):
                 body = projected[len(kind) + 1:-1]
-                return f"<think>{reason}</think>\n<{kind}> {body} </{kind}>"
-        return f"<think>I am not sure.</think>\n{projected}"
+                return f"<think>{reason if plan else ''}</think>\n<{kind}> {body} </{kind}>"
+        return f"<think>{'I am not sure.' if plan else ''}</think>\n{projected}"
     reason = f"Next step of my plan for this {task_type} task." if task_type else "Next step."
-    return f"<think>{reason}</think>\n<action>{projected}</action>"
+    return f"<think>{reason if plan else ''}</think>\n<action>{projected}</action>"

@@ -26,6 +26,8 @@ BACKENDS = ("hf", "vllm")
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 MODEL_ATTNS = ("auto", "flash", "sdpa", "eager")
+PROMPT_STYLES = ("verl-agent", "compact")  # = sdar_envs.prompts.PROMPT_STYLES (not imported:
+THINK_STYLES = ("plan", "empty")           # configs validate without loading the envs)
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -44,6 +46,8 @@ class EnvConfig:
     group_size: int = 8              # G
     eval_tasks: int = 0              # held-out tasks per eval; 0 = the whole test split
     num_workers: Optional[int] = None       # env worker processes; None = suite default
+    prompt_style: str = "verl-agent"  # or "compact": task, last k actions, observation, actions
+    expert_think: str = "plan"        # warm-start expert's <think>: a one-line plan, or "empty"
 
 
 @dataclass
@@ -101,6 +105,7 @@ class WarmstartConfig:
     lr: float = 1e-3
     max_tokens: int = 4096
     batch_samples: int = 32          # step samples per optimizer step
+    noise: float = 0.0               # DART: P(an expert step executes a random action instead)
 
 
 @dataclass
@@ -125,6 +130,7 @@ CHOICES: dict[str, tuple] = {
     "model.dtype": MODEL_DTYPES, "model.attn": MODEL_ATTNS,
     "env.name": ENV_NAMES, "env.retrieval": RETRIEVALS, "rollout.backend": BACKENDS,
     "algo.method": METHODS, "algo.advantage": ADVANTAGES, "train.device": DEVICES,
+    "env.prompt_style": PROMPT_STYLES, "env.expert_think": THINK_STYLES,
 }
 POSITIVE = ("env.tasks_per_step", "env.group_size", "rollout.max_new_tokens",
             "rollout.max_prompt_tokens", "algo.max_tokens", "algo.mini_batches",
@@ -230,6 +236,8 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         value = _get(cfg, key)
         if not 0 < value <= (1.0 if key.endswith("top_p") else 100.0):
             _fail(key, value, "in (0, 1]" if key.endswith("top_p") else "a number > 0")
+    if not 0.0 <= cfg.warmstart.noise < 1.0:
+        _fail("warmstart.noise", cfg.warmstart.noise, "a probability in [0, 1)")
     if not 0.0 <= cfg.algo.gamma <= 1.0:
         _fail("algo.gamma", cfg.algo.gamma, "a number in [0, 1]")
     if cfg.rollout.backend == "vllm" and not _vllm_available():

@@ -28,9 +28,10 @@ def collect_expert(cfg: TrainConfig, env: Any) -> tuple[list, float]:
     n = max(cfg.warmstart.episodes, 1)
     tasks = draw_tasks(env.task_ids, n, cfg.train.seed, -1)
     t0 = time.perf_counter()
-    steps, success = play_expert(env, tasks, max_turns=cfg.rollout.max_turns)
-    log.info("expert: %d episodes, %d steps, success %.2f (%.1fs)", n, len(steps), success,
-             time.perf_counter() - t0)
+    steps, success = play_expert(env, tasks, max_turns=cfg.rollout.max_turns, noise=cfg.warmstart.noise,
+                                 seed=cfg.train.seed)
+    log.info("expert: %d episodes, %d steps, success %.2f with noise %.2f (%.1fs)", n, len(steps), success,
+             cfg.warmstart.noise, time.perf_counter() - t0)
     return steps, success
 
 

@@ -53,6 +53,7 @@ def make_env(cfg: TrainConfig, split: str) -> Any:
     import sdar_envs
 
     opts = dict(cfg.env.options)
+    opts.update(prompt_style=cfg.env.prompt_style, expert_think=cfg.env.expert_think)
     for key in ("history_length", "invalid_penalty", "num_workers", "skill_top_k"):
         value = getattr(cfg.env, key)
         if value is not None:

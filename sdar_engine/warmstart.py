@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from sdar_engine.packing import Sample, pack
 from sdar_engine.rollout import render_prompt_ids, stop_token_ids
+from sdar_envs.prompts import to_raw_action
 
 log = logging.getLogger("sdar.warmstart")
 
@@ -35,26 +37,55 @@ class ExpertStep:
 
 
 def play_expert(env: Any, task_ids: Sequence[str], max_turns: int = 0, batch: int = 16,
-                retrieval: str = "full") -> tuple[list[ExpertStep], float]:
-    """Play the oracle on ``task_ids`` (``batch`` tasks at a time); returns (steps, success rate)."""
+                retrieval: str = "full", noise: float = 0.0, seed: int = 0,
+                ) -> tuple[list[ExpertStep], float]:
+    """Play the oracle on ``task_ids`` (``batch`` tasks at a time); returns (steps, success rate).
+
+    ``noise`` > 0 perturbs the played trajectory (DART, Laskey et al. 2017): at each step, with
+    probability ``noise``, the env executes a random admissible action, or (one time in four)
+    repeats the previous one, instead of the expert's. Every visited state is still labelled
+    with the expert's action, so the data holds recoveries from off-expert states ("Nothing
+    happens.", a wrong object in hand) that a pure expert never visits but a learner does.
+    """
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"warmstart.noise={noise!r} is invalid; expected a probability in [0, 1)")
+    rng = random.Random(f"sdar-expert/{seed}")
     steps: list[ExpertStep] = []
     wins = 0
     for start in tqdm(range(0, len(task_ids), batch), desc="expert episodes", unit="batch", leave=False):
         chunk = list(task_ids[start:start + batch])
-        env.reset(batch_size=len(chunk), group_size=1, task_ids=chunk)
+        _, infos = env.reset(batch_size=len(chunk), group_size=1, task_ids=chunk)
         done, turn = [False] * len(chunk), 0
-        infos: list[dict] = [{} for _ in chunk]
+        played = [""] * len(chunk)
         while not all(done) and (max_turns <= 0 or turn < max_turns):
             actions = env.expert_actions()
+            executed = list(actions)
             for i, d in enumerate(done):
-                if not d:
-                    steps.append(ExpertStep(env.prompt(i), env.teacher_prompt(i, retrieval),
-                                            actions[i], start + i, turn))
-            _, _, dones, infos = env.step(actions)
+                if d:
+                    continue
+                steps.append(ExpertStep(env.prompt(i), env.teacher_prompt(i, retrieval),
+                                        actions[i], start + i, turn))
+                if noise and rng.random() < noise:
+                    executed[i] = _perturbed(rng, actions[i], played[i], infos[i].get("admissible_actions", []),
+                                             getattr(env, "style", "action"))
+            _, _, dones, infos = env.step(executed)
+            played = executed
             done = [d or dn for d, dn in zip(done, dones)]
             turn += 1
         wins += sum(bool(info.get("won", False)) and d for info, d in zip(infos, done))
     return steps, wins / max(1, len(task_ids))
+
+
+def _perturbed(rng: random.Random, expert: str, previous: str, admissible: Sequence[str],
+               style: str = "action") -> str:
+    """A random admissible action other than the expert's, or (1 in 4) the previous one again."""
+    if previous and rng.random() < 0.25:
+        return previous
+    options = [a for a in admissible if a not in ("help", "inventory")]
+    if not options:
+        return expert
+    choice = rng.choice(options)
+    return expert if expert.endswith(f"<action>{choice}</action>") else to_raw_action(choice, style, think="empty")
 
 
 def expert_corpus(steps: Sequence[ExpertStep]) -> list[str]:

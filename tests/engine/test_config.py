@@ -70,3 +70,13 @@ def test_yaml_file_and_packaged_configs_all_validate(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
         load_config(str(bad))
+
+
+def test_prompt_and_think_style_choices_match_the_envs_and_are_validated():
+    import pytest
+    from sdar_envs import prompts
+
+    from sdar_engine import config
+    assert config.PROMPT_STYLES == prompts.PROMPT_STYLES and config.THINK_STYLES == prompts.THINK_STYLES
+    with pytest.raises(ValueError, match=r"env.prompt_style='short'.*verl-agent, compact"):
+        config.from_dict({}, ["env.prompt_style=short"], check_paths=False)

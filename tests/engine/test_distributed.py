@@ -30,10 +30,14 @@ def test_two_ranks_half_batches_equal_one_rank_full_batch(tmp_path):
     model_dir = build_and_load(str(tmp_path / "tiny"))[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_port={_free_port()}", os.path.join(HERE, "test_distributed_worker.py"),
-           model_dir, str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(2):  # one retry: on a loaded 2-core box a gloo rank rarely aborts at start-up
+        # (seen once in ~20 runs, SIGABRT); a real defect is deterministic and fails both tries
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+               f"--master_port={_free_port()}", os.path.join(HERE, "test_distributed_worker.py"),
+               model_dir, str(tmp_path / "ddp")]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            break
     assert proc.returncode == 0 and "WORKER_OK world=2" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     worker.main(model_dir, str(tmp_path / "single"), full=True)

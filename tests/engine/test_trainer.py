@@ -96,3 +96,20 @@ def test_eval_tasks_are_fixed_and_cover_the_pool():
     assert picked == eval_tasks(list(reversed(pool)), 6) and len(set(picked)) == 6
     assert len({p.split("/")[2] for p in picked}) >= 2  # not just the first type in id order
     assert eval_tasks(pool, 0) == sorted(pool)
+
+
+def test_noisy_expert_visits_off_expert_states_and_still_labels_them_with_the_expert():
+    from sdar_engine.warmstart import play_expert
+
+    env = FakeEnv(n_tasks=8, max_steps=6)
+    clean, _ = play_expert(env, env.task_ids)
+    noisy, success = play_expert(env, env.task_ids, noise=0.5, seed=3)
+    assert len(noisy) > len(clean) and 0.0 < success <= 1.0
+    assert any("Nothing happens." in s.prompt for s in noisy)  # a state the clean expert never visits
+    assert not any("Nothing happens." in s.prompt for s in clean)
+    for s in noisy:  # the label is the expert's action for the state in the prompt
+        want = "take" if "You see the" in s.prompt else "go to"
+        assert f"<action>{want} " in s.action
+    assert [s.action for s in play_expert(env, env.task_ids, noise=0.5, seed=3)[0]] == [s.action for s in noisy]
+    with pytest.raises(ValueError, match="warmstart.noise=1.0"):
+        play_expert(env, env.task_ids, noise=1.0)

@@ -47,3 +47,39 @@ def test_history_observations_are_clipped():
     m.add("x" * 5000, "look", "y")
     line = m.render(2)
     assert len(line) < 400 and line.endswith("…', Action 1: 'look']")
+
+
+WELCOME_OBS = ("-= Welcome to TextWorld, ALFRED! =-\n\nYou are in the middle of a room. Looking quickly "
+               "around you, you see a cabinet 1, and a shelf 1.\n\nYour task is to: put some pen on shelf.")
+
+
+def test_compact_prompt_keeps_task_recent_actions_observation_and_actions_only():
+    m = Memory()
+    for k in range(5):
+        m.add(f"obs {k}", f"go to cabinet {k}", f"obs {k + 1}")
+    admissible = ["go to cabinet 1", "go to shelf 1", "help", "inventory", "look", "take pen 1 from cabinet 1"]
+    p = render_prompt("alfworld", "put some pen on shelf", m, WELCOME_OBS, admissible, 2, style="compact")
+    assert p.split("\n") == [
+        "Task: put some pen on shelf",
+        "Done: go to cabinet 3; go to cabinet 4",
+        "Now: You are in the middle of a room. Looking quickly around you, you see a cabinet 1, and a shelf 1.",
+        "Actions: go to cabinet 1 | go to shelf 1 | take pen 1 from cabinet 1"]
+    verbose = render_prompt("alfworld", "put some pen on shelf", m, WELCOME_OBS, admissible, 2)
+    assert len(p) < len(verbose) / 2
+    first = render_prompt("webshop", "buy shoes", Memory(), "WebShop [SEP] Search", ["search[<q>]"], 2,
+                          style="compact")
+    assert "Done:" not in first and first.endswith("Actions: search[<q>]")
+
+
+def test_unknown_prompt_or_think_style_names_the_field_and_choices():
+    import pytest
+    with pytest.raises(ValueError, match=r"prompt_style='terse'.*verl-agent.*compact"):
+        render_prompt("alfworld", "t", Memory(), "o", [], 1, style="terse")
+    with pytest.raises(ValueError, match=r"expert_think='long'.*plan.*empty"):
+        to_raw_action("look", "action", think="long")
+
+
+def test_empty_think_is_still_a_valid_step_in_both_styles():
+    assert to_raw_action("look", "action", think="empty") == "<think></think>\n<action>look</action>"
+    assert project(to_raw_action("look", "action", think="empty")) == ("look", True)
+    assert project(to_raw_action("search[a b]", "search", think="empty"), "search") == ("search[a b]", True)

@@ -82,9 +82,12 @@ def prepare_policy(cfg: TrainConfig, run_dir: Path, env: Any) -> TrainConfig:
     return warm_start(cfg, run_dir, steps, success) if cfg.warmstart.enabled else cfg
 
 
-def _rl(cfg: TrainConfig, method: str, run_dir: Path, env: Any, eval_env: Any) -> dict[str, float]:
+def _rl(cfg: TrainConfig, method: str, run_dir: Path, env: Any, eval_env: Any,
+        start_eval: dict[str, float] | None = None) -> dict[str, float]:
     cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, method=method))
     trainer = Trainer(cfg, run_dir / method, env=env, eval_env=eval_env)
+    if start_eval:  # the warm-start's eval is step 0 of every RL curve
+        trainer.logger.log(0, start_eval)
     t0 = time.perf_counter()
     last = trainer.fit()
     last["rl_seconds"] = time.perf_counter() - t0
@@ -105,17 +108,18 @@ def run_demo(cfg: TrainConfig, output: str | None = None, compare: bool = False,
     steps, expert_success = collect_expert(cfg, env)
     base = build_model(cfg, run_dir, steps)
     if eval_untrained:
-        summary["success_untrained"] = _eval_only(base, run_dir / "eval_untrained", env, eval_env)
+        summary["success_untrained"] = _eval_only(base, run_dir / "eval_untrained", env, eval_env)["eval/success"]
         print(f"[sdar demo] held-out success, untrained tiny model: {summary['success_untrained']:.3f}",
               flush=True)
     c0 = time.process_time()
     warm = warm_start(base, run_dir, steps, expert_success)
     summary["warmstart_cpu_seconds"] = time.process_time() - c0
-    summary["success_warmstart"] = _eval_only(warm, run_dir / "eval_warmstart", env, eval_env)
+    warm_eval = _eval_only(warm, run_dir / "eval_warmstart", env, eval_env)
+    summary["success_warmstart"] = warm_eval["eval/success"]
     print(f"[sdar demo] held-out success after warm-start: {summary['success_warmstart']:.3f}", flush=True)
     for method in (["grpo", "sdar"] if compare else [cfg.algo.method]):
         c0 = time.process_time()
-        last = _rl(warm, method, run_dir, env, eval_env)
+        last = _rl(warm, method, run_dir, env, eval_env, warm_eval)
         summary[f"rl_cpu_seconds_{method}"] = time.process_time() - c0
         summary[f"success_after_{method}"] = last.get("eval/success", float("nan"))
         summary[f"train_success_last_{method}"] = last.get("success", float("nan"))
@@ -129,12 +133,12 @@ def run_demo(cfg: TrainConfig, output: str | None = None, compare: bool = False,
     return summary
 
 
-def _eval_only(cfg: TrainConfig, run_dir: Path, env: Any, eval_env: Any) -> float:
+def _eval_only(cfg: TrainConfig, run_dir: Path, env: Any, eval_env: Any) -> dict[str, float]:
     trainer = Trainer(cfg, run_dir, env=env, eval_env=eval_env)
     metrics = trainer.evaluate()
     trainer.logger.log(0, metrics)
     trainer.logger.close()
-    return float(metrics["eval/success"])
+    return metrics
 
 
 def format_summary(summary: dict[str, Any]) -> str:

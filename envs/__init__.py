@@ -82,7 +82,8 @@ def make(name: str, split: str = "train", seed: int = 0, **options: Any) -> Batc
     """Build a BatchEnv for suite ``name`` ("alfworld" | "webshop" | "searchqa").
 
     Env options: history_length, invalid_penalty, num_workers, skill_top_k, ucb_c (defaults
-    per suite), prompt_style ("verl-agent" | "compact"), expert_think ("plan" | "empty"). All other options are passed to the suite's ``build_suite``.
+    per suite), prompt_style ("verl-agent" | "compact"), expert_think ("plan" | "empty").
+    All other options are passed to the suite's ``build_suite``.
     """
     spec = _spec(name)
     if not isinstance(seed, int):

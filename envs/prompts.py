@@ -45,6 +45,7 @@ def _admissible_text(name: str, admissible: Sequence[str]) -> str:
 
 
 def check_style(field: str, value: str, valid: Sequence[str]) -> str:
+    """``value`` if it is one of ``valid``; else ValueError naming ``field`` and the choices."""
     if value not in valid:
         raise ValueError(f"{field}={value!r} is not valid; use one of {tuple(valid)}")
     return value
@@ -52,7 +53,10 @@ def check_style(field: str, value: str, valid: Sequence[str]) -> str:
 
 def render_prompt(name: str, task_text: str, memory: Memory, observation: str,
                   admissible: Sequence[str], history_length: int, style: str = "verl-agent") -> str:
-    """The student prompt for one env at its current step (a plain string, no chat markup)."""
+    """The student prompt for one env at its current step (a plain string, no chat markup).
+
+    Search-QA has one template (Search-R1's) whatever ``style`` says.
+    """
     check_style("prompt_style", style, PROMPT_STYLES)
     if name == "searchqa":
         return _render_search(task_text, memory, history_length)

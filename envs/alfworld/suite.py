@@ -27,7 +27,10 @@ from .sampler import sample_spec
 
 log = logging.getLogger("sdar_envs.alfworld")
 
-GENERATOR_VERSION = 1
+# Part of the cache key: bump it whenever sampler/problem/gamefiles change what a seed generates.
+# 2: caches written by version-1 code before the sampler's last changes held different games for
+# the same key (found 2026-11-27: 33 of 525 common files differed from a fresh generation).
+GENERATOR_VERSION = 2
 SPLIT_DIRS = {"train": "train", "test": "valid_unseen"}
 DEFAULT_COUNTS = {"train": 600, "test": 120}
 MAX_ATTEMPTS = 8

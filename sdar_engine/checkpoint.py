@@ -118,19 +118,46 @@ def save_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim
     if rank() == 0:
         torch.save({"step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None},
                    os.path.join(tmp, "trainer_state.pt"))
+        _fsync_files(tmp)  # the data is on disk before the marker that says it is complete
         with open(os.path.join(tmp, META), "w") as f:  # written last: marks the dir complete
             json.dump({"step": step, "config": config_dict, "tied": _tied_names(model)}, f, indent=1,
                       default=str)
+            f.flush()
+            os.fsync(f.fileno())
         if os.path.exists(final):  # re-saving a step: move the old one aside first
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.rename(final, final + ".old")
         os.rename(tmp, final)
+        _fsync_dir(os.path.dirname(final))  # the rename itself survives a crash
         shutil.rmtree(final + ".old", ignore_errors=True)
         if keep_last:
             _prune(run_dir, keep_last)
         log.info("saved checkpoint step %d -> %s", step, final)
     barrier()
     return final
+
+
+def _fsync_files(path: str) -> None:
+    """fsync every regular file directly in ``path``, then ``path`` itself."""
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            with open(full, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows): nothing to sync
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:

@@ -105,3 +105,28 @@ def test_missing_checkpoint_error(tmp_path):
     assert ckpt.latest_checkpoint(str(tmp_path)) is None
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         ckpt.load_checkpoint(str(tmp_path), torch.nn.Linear(2, 2), None)
+
+
+def test_data_is_fsynced_before_the_completion_marker_and_the_rename(model_dir, tmp_path, monkeypatch):
+    model, _, opt, sched = _setup(model_dir)
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", os.path.basename(dst)))
+        return real_rename(src, dst)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name file descriptors")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    ckpt.save_checkpoint(str(tmp_path), model, opt, sched, 3, {})
+    synced = [name for kind, name in events if kind == "fsync"]
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.pt", "meta.json"} <= set(synced)
+    assert synced.index("model.safetensors") < synced.index("meta.json")
+    # the checkpoints folder is synced after the directory was renamed into place
+    assert events.index(("rename", "step_00000003")) < events.index(("fsync", "checkpoints"))

@@ -142,9 +142,11 @@ def _eval_only(cfg: TrainConfig, run_dir: Path, env: Any, eval_env: Any) -> dict
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    """The closing lines: run dir, time, and each stage's success with its win count."""
+    n = int(summary["eval_tasks"])
     lines = [f"[sdar demo] run dir: {summary['run_dir']}  ({summary['total_seconds'] / 60:.1f} min wall, "
              f"{summary['main_process_cpu_seconds'] / 60:.1f} min CPU in the main process)",
-             f"[sdar demo] held-out {summary['env']} success over {summary['eval_tasks']} games:"]
+             f"[sdar demo] held-out {summary['env']} success over {n} games:"]
     for key in sorted(k for k in summary if k.startswith("success_")):
-        lines.append(f"[sdar demo]   {key[len('success_'):]:<16} {summary[key]:.3f}")
+        lines.append(f"[sdar demo]   {key[len('success_'):]:<16} {summary[key]:.3f}  ({round(summary[key] * n)}/{n} won)")
     return "\n".join(lines)

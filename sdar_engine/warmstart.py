@@ -78,7 +78,7 @@ def play_expert(env: Any, task_ids: Sequence[str], max_turns: int = 0, batch: in
 
 def _perturbed(rng: random.Random, expert: str, previous: str, admissible: Sequence[str],
                style: str = "action") -> str:
-    """A random admissible action other than the expert's, or (1 in 4) the previous one again."""
+    """A random admissible action (the expert's own when drawn), or (1 in 4) the previous one again."""
     if previous and rng.random() < 0.25:
         return previous
     options = [a for a in admissible if a not in ("help", "inventory")]

@@ -124,6 +124,7 @@ def save_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim
                       default=str)
             f.flush()
             os.fsync(f.fileno())
+        _fsync_dir(tmp)  # the folder's entries, the marker's included
         if os.path.exists(final):  # re-saving a step: move the old one aside first
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.rename(final, final + ".old")
@@ -138,13 +139,12 @@ def save_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim
 
 
 def _fsync_files(path: str) -> None:
-    """fsync every regular file directly in ``path``, then ``path`` itself."""
+    """fsync every regular file directly in ``path`` (the folder itself: ``_fsync_dir``)."""
     for name in os.listdir(path):
         full = os.path.join(path, name)
         if os.path.isfile(full):
             with open(full, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
 
 
 def _fsync_dir(path: str) -> None:

@@ -143,13 +143,16 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor, grad: bool, floor: float = 1e-30
     return (a.double() - ref).abs().max().item() / max(denom, floor)
 
 
+FLOOR_FRACTION = 1e-2  # a gradient's floor, as a fraction of its natural scale
+
+
 def grad_floors(x: Inputs, tau: float) -> dict:
     """1% of each gradient's natural scale (max|g| x max|other factor| / tau): a gradient far
     below it (p_y = 1 - 1e-6: dL/dz = g (1 - p_y)) is judged on that absolute scale, since its
     few significant bits are fp32 rounding of the saved LSE for any recompute backward."""
     g = max((t.abs().max().item() for t in x.grads if t is not None and t.numel()), default=0.0)
     amax = lambda t: t.abs().max().item() if t.numel() else 0.0  # noqa: E731
-    scale = 1e-2 * g / tau
+    scale = FLOOR_FRACTION * g / tau
     return {"dh": scale * amax(x.weight.float()), "dw": scale * amax(x.hidden.float()), "db": scale}
 
 
@@ -178,7 +181,7 @@ def check_case(c: Case, seed: int) -> None:
         # is within ~1e-4 of 1 (dL/dz = g (1 - p_y) far below scale), e.g. V=2, |z|=20 (seen once).
         lse_ulp = 0.0
         if k in GRADS:
-            natural = floors[k] / 1e-2
+            natural = floors[k] / FLOOR_FRACTION
             lse_ulp = 1.2e-7 * z_max * natural / max(ref[k].abs().max().item() if ref[k].numel() else 0.0,
                                                     floors[k])
         if c.dtype != torch.float32:

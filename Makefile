@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-TRITON_SPEC ?= triton==3.7.1
+# the one pinned Triton (setup.py's extras read the same file)
+TRITON_SPEC ?= $(shell grep -v '^\#' requirements/triton.txt | head -1)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sdar-installed
 REQS := $(wildcard requirements/*.txt)

@@ -3,8 +3,9 @@
     pytest benchmarks/bench_loss.py --benchmark-disable      # smoke: tiny shapes, each case once
     SDAR_BENCH_GRID=quick pytest benchmarks/bench_loss.py    # timed, bigger shapes (see grids.py)
 
-Every case is checked against the naive backend of the same shape (loss value and gradients,
-or log-probs), so a wrong fast kernel fails here. Peak memory is recorded in extra_info from
+Every case is checked against the naive backend of the same shape and preset (loss value and
+gradients, or log-probs), so a wrong fast kernel fails here; Liger's chunked GRPO loss against
+naive on the Liger-matched GRPO config (benchmarks/liger_grpo.py). Peak memory is recorded in extra_info from
 inside the pytest process (RSS high-water reset around one call); the fresh-subprocess numbers
 of ``python -m benchmarks.cli`` are the ones to quote.
 """
@@ -47,8 +48,8 @@ def _skip_if_needed(case: Case) -> None:
 
 
 def _naive_reference(case: Case):
-    """(value, grad_hidden or None) of the naive backend on the same inputs."""
-    base = Case(case.suite, "naive", case.n, case.v, case.h, case.dtype, case.device)
+    """(value, grad_hidden or None) of the naive backend on the same inputs and preset."""
+    base = Case(case.suite, "naive", case.n, case.v, case.h, case.dtype, case.device, preset=case.preset)
     x = make_inputs(base)
     out = prepare(base, x)()
     if case.suite == "loss":

@@ -153,6 +153,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     trainer_rows = run_trainer(args) if args.suite in ("trainer", "all") else []
     env_rows = run_envs(args) if args.suite in ("envs", "all") else []
     meta["wall_s"] = time.perf_counter() - t0
+    try:  # a shared machine: the load at the end says how noisy the absolute times are
+        meta["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
     write_results(out, meta, kernel_rows, trainer_rows, env_rows)
     for line in acceptance_lines(kernel_rows) if kernel_rows else []:
         log.info(line)

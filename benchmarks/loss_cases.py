@@ -8,8 +8,14 @@ the inputs and returns a zero-argument callable that runs the measured work once
 
 Backends: "torch" (sdar_kernels chunked), "triton" (CUDA), "naive" (materialized [N, V]
 logits -> log_softmax -> the same loss), "compiled" (torch.compile of naive), "liger"
-(Liger-Kernel chunked GRPO loss, CUDA only, when importable). ``skip_reason`` says why a
-backend cannot run here, or None.
+(Liger-Kernel's chunked GRPO loss, plain torch, CPU or CUDA, when importable). ``skip_reason``
+says why a backend cannot run here, or None.
+
+Presets (the loss every backend of a case computes): "sdar" (the paper's SDAR preset) or
+"liger-grpo" (GRPO with the settings Liger can express, benchmarks/liger_grpo.py: no KL, no
+SDAR term, dual clip as Liger's delta, seq-mean-token-mean over sequences of
+liger_grpo.SEQ_LEN tokens). The liger backend computes only "liger-grpo". Advantages are one
+per sequence of SEQ_LEN tokens (GRPO), for every backend and preset.
 """
 from __future__ import annotations
 
@@ -18,12 +24,14 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from . import liger_grpo
 
 SUITES = ("loss", "logprobs")
 BACKENDS = ("naive", "torch", "compiled", "triton", "liger")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PRESETS = ("sdar", "liger-grpo")
 PRESET = "sdar"
 
 
@@ -41,11 +49,16 @@ class Case:
     token_chunk: int = 1024
     vocab_chunk: int = 2048
     grad_in_forward: bool = True  # torch backend: whole-row path with dL/dW in the forward
+    preset: str = PRESET
 
     def __post_init__(self) -> None:
         _check(self.suite in SUITES, "suite", self.suite, f"one of {SUITES}")
         _check(self.backend in BACKENDS, "backend", self.backend, f"one of {BACKENDS}")
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {tuple(DTYPES)}")
+        _check(self.preset in PRESETS, "preset", self.preset, f"one of {PRESETS}")
+        if self.backend == "liger":
+            _check(self.preset == "liger-grpo", "preset", self.preset,
+                   "'liger-grpo' with backend='liger' (Liger has no SDAR term)")
         for name in ("n", "v", "h", "token_chunk", "vocab_chunk"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
@@ -56,6 +69,8 @@ class Case:
     @property
     def label(self) -> str:
         extra = "" if self.grad_in_forward else "-4pass"
+        if self.preset != PRESET and self.backend != "liger":
+            extra += f"-{self.preset}"
         return f"{self.suite}-{self.backend}{extra}-N{self.n}-V{self.v}-H{self.h}-{self.dtype}"
 
 
@@ -82,9 +97,7 @@ def skip_reason(case: Case, memory_budget: Optional[int] = None) -> Optional[str
             return "triton is not installed"
     if case.backend == "liger":
         if importlib.util.find_spec("liger_kernel") is None:
-            return "liger_kernel is not installed (pip install liger-kernel)"
-        if not cuda:
-            return "Liger-Kernel is Triton-only and needs CUDA"
+            return "liger_kernel is not installed (pip install -r requirements/bench.txt)"
         if case.suite != "loss":
             return "Liger-Kernel has no standalone fused log-prob pass"
     if case.backend in ("naive", "compiled") and memory_budget is not None:
@@ -98,7 +111,8 @@ def skip_reason(case: Case, memory_budget: Optional[int] = None) -> Optional[str
 @dataclass
 class Inputs:
     """Tensors of one case: hidden [N, H] and weight [V, H] (leafs requiring grad), targets and
-    the per-token loss inputs [N] (advantages, old/teacher/ref log-probs, mask)."""
+    the per-token loss inputs [N] (advantages, old/teacher/ref log-probs, mask); for the
+    "liger-grpo" preset also segment_ids [N] and the normalizer (number of sequences)."""
 
     hidden: Tensor
     weight: Tensor
@@ -108,10 +122,13 @@ class Inputs:
     teacher_logprobs: Tensor
     ref_logprobs: Tensor
     loss_mask: Tensor
+    segment_ids: Optional[Tensor] = None
+    normalizer: Optional[float] = None
 
 
 def make_inputs(case: Case, seed: int = 0) -> Inputs:
-    """Seeded inputs of realistic scale: logits with std ~2 (hidden ~N(0,1), weight ~N(0, 4/H))."""
+    """Seeded inputs of realistic scale: logits with std ~2 (hidden ~N(0,1), weight ~N(0, 4/H)),
+    one advantage per sequence of liger_grpo.SEQ_LEN tokens, ~10 % of tokens masked."""
     g = torch.Generator().manual_seed(seed)
     dt, dev = DTYPES[case.dtype], torch.device(case.device)
     n = case.n
@@ -120,16 +137,19 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
     weight = weight.to(dev, dt).requires_grad_(case.suite == "loss")
     targets = torch.randint(0, case.v, (n,), generator=g).to(dev)
     base = -torch.rand(n, generator=g) * 8  # plausible log-probs
-    advantages = torch.randn(n, generator=g).to(dev)
+    advantages = liger_grpo.per_sequence_advantages(*liger_grpo.sequence_layout(n), g).to(dev)
+    grpo = case.preset == "liger-grpo"
     return Inputs(hidden, weight, targets, advantages,
                   old_logprobs=(base + 0.05 * torch.randn(n, generator=g)).to(dev),
                   teacher_logprobs=(base + torch.randn(n, generator=g)).to(dev),
                   ref_logprobs=(base + 0.1 * torch.randn(n, generator=g)).to(dev),
-                  loss_mask=(torch.rand(n, generator=g) > 0.1).float().to(dev))
+                  loss_mask=(torch.rand(n, generator=g) > 0.1).float().to(dev),
+                  segment_ids=liger_grpo.segment_ids(n, device=dev) if grpo else None,
+                  normalizer=liger_grpo.matched_normalizer("grpo", n) if grpo else None)
 
 
 def loss_config(case: Case, backend: Optional[str] = None):
-    """The paper's SDAR preset with the case's backend and chunk sizes."""
+    """The case's preset (paper SDAR, or GRPO matched to Liger) with its backend and chunk sizes."""
     import dataclasses
 
     from sdar_kernels import LossConfig
@@ -139,8 +159,11 @@ def loss_config(case: Case, backend: Optional[str] = None):
         extra["grad_in_forward"] = case.grad_in_forward
     elif not case.grad_in_forward:
         raise ValueError("Case.grad_in_forward=False needs a LossConfig with the grad_in_forward field")
-    return LossConfig.preset(PRESET, backend=backend or case.backend, token_chunk=case.token_chunk,
-                             vocab_chunk=case.vocab_chunk, **extra)
+    common = dict(backend=backend or case.backend, token_chunk=case.token_chunk, vocab_chunk=case.vocab_chunk,
+                  **extra)
+    if case.preset == "liger-grpo":
+        return liger_grpo.matched_config("grpo", **common)
+    return LossConfig.preset(PRESET, **common)
 
 
 def naive_loss(x: Inputs, cfg) -> Tensor:
@@ -153,7 +176,7 @@ def naive_loss(x: Inputs, cfg) -> Tensor:
     with torch.no_grad():  # the fused kernels report the entropy as a metric too
         entropy = -(lp.exp() * lp).sum(-1)
     loss, _ = sdar_epilogue(logp, entropy, None, x.advantages, x.old_logprobs, x.loss_mask,
-                            x.teacher_logprobs, x.ref_logprobs, None, None, cfg)
+                            x.teacher_logprobs, x.ref_logprobs, x.segment_ids, x.normalizer, cfg)
     return loss
 
 
@@ -169,17 +192,16 @@ def _fused_loss(x: Inputs, cfg) -> Tensor:
 
     return fused_linear_sdar_loss(x.hidden, x.weight, x.targets, x.advantages, x.old_logprobs,
                                   x.loss_mask, teacher_logprobs=x.teacher_logprobs,
-                                  ref_logprobs=x.ref_logprobs, config=cfg).loss
+                                  ref_logprobs=x.ref_logprobs, segment_ids=x.segment_ids,
+                                  normalizer=x.normalizer, config=cfg).loss
 
 
-def _liger_loss(x: Inputs, cfg) -> Tensor:
-    """Liger's chunked GRPO loss (no self-distillation term: it has none) on the same inputs."""
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-    fn = LigerFusedLinearGRPOLoss(beta=cfg.kl_coef, epsilon_low=cfg.clip_low, epsilon_high=cfg.clip_high)
-    out = fn(x.hidden[None], x.weight, x.targets[None], x.loss_mask[None], x.advantages[:1],
-             ref_per_token_logps=x.ref_logprobs[None], old_per_token_logps=x.old_logprobs[None])
-    return out[0] if isinstance(out, tuple) else out
+def _liger_body(x: Inputs, cfg) -> Callable[[], Tensor]:
+    """Liger's chunked GRPO loss on the same inputs, settings matched to ``cfg`` (liger_grpo.py)."""
+    liger_grpo.check_per_sequence(x.advantages)
+    fn = liger_grpo.liger_module(cfg, "grpo")
+    return lambda: liger_grpo.liger_loss(fn, x.hidden, x.weight, x.targets, x.loss_mask, x.advantages,
+                                         x.old_logprobs)
 
 
 def prepare(case: Case, x: Inputs) -> Callable[[], object]:
@@ -194,8 +216,7 @@ def prepare(case: Case, x: Inputs) -> Callable[[], object]:
         compiled = torch.compile(naive_loss, dynamic=False)
         body = lambda: compiled(x, cfg)  # noqa: E731
     elif case.backend == "liger":
-        cfg = loss_config(case, "torch")
-        body = lambda: _liger_loss(x, cfg)  # noqa: E731
+        body = _liger_body(x, loss_config(case, "torch"))
     else:
         cfg = loss_config(case)
         body = lambda: _fused_loss(x, cfg)  # noqa: E731

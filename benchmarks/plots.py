@@ -1,5 +1,6 @@
 """PNG plots of kernel results: time vs N and peak memory vs N per backend (log-log),
-one panel per (V, H), one figure per suite and metric. Trainer: tokens/s per layout."""
+one panel per (V, H), one figure per suite and metric; at the acceptance shape, time and peak
+memory ratios vs naive per backend (bars). Trainer: tokens/s per layout."""
 from __future__ import annotations
 
 import os
@@ -13,11 +14,18 @@ from matplotlib import ticker  # noqa: E402
 
 STYLE = {"naive": ("tab:red", "o", "naive (materialized logits)"),
          "compiled": ("tab:orange", "s", "torch.compile(naive)"),
-         "torch": ("tab:blue", "D", "sdar_kernels torch backend"),
+         "torch": ("tab:blue", "D", "sdar_kernels torch backend (SDAR preset)"),
+         "torch:liger-grpo": ("tab:cyan", "P", "sdar_kernels torch, Liger-matched GRPO config"),
          "triton": ("tab:green", "^", "sdar_kernels triton"),
-         "liger": ("tab:purple", "v", "Liger-Kernel GRPO")}
+         "liger": ("tab:purple", "v", "Liger-Kernel chunked GRPO")}
 METRICS = {"time_s": ("time per call (s)", "time"), "peak_mib": ("peak extra memory (MiB)", "memory")}
 RATIO = {"time_s": "time_vs_naive", "peak_mib": "mem_vs_naive"}
+
+
+def style_key(r: dict) -> str:
+    """STYLE key of a row: the backend, or "backend:preset" for a non-default preset (not liger)."""
+    preset = r.get("preset") or "sdar"
+    return r["backend"] if preset == "sdar" or r["backend"] == "liger" else f"{r['backend']}:{preset}"
 
 
 def _panels(rows: Sequence[dict]) -> list[tuple[int, int, str]]:
@@ -46,7 +54,7 @@ def kernel_figure(rows: Sequence[dict], suite: str, metric: str, path: str) -> b
     ylabel, word = METRICS[metric]
     for ax, (v, h, dtype) in zip(axes[0], panels):
         for backend, (color, marker, label) in STYLE.items():
-            mine = sorted((r for r in ok if r["backend"] == backend and (r["v"], r["h"], r["dtype"]) == (v, h, dtype)),
+            mine = sorted((r for r in ok if style_key(r) == backend and (r["v"], r["h"], r["dtype"]) == (v, h, dtype)),
                           key=lambda r: r["n"])
             if mine:
                 ax.plot([r["n"] for r in mine], [r[metric] for r in mine], color=color, marker=marker, label=label,
@@ -76,6 +84,37 @@ def kernel_figure(rows: Sequence[dict], suite: str, metric: str, path: str) -> b
     fig.suptitle(f"{'SDAR loss fwd+bwd' if suite == 'loss' else 'log-prob pass (no grad)'}: {word} vs N "
                  f"({device}; ×r = ratio to naive, same run)")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def ratio_figure(rows: Sequence[dict], shape: tuple[int, int, int], path: str) -> bool:
+    """Bars of time / naive and peak memory / naive per backend at one (N, V, H) loss shape
+    (same run). False when fewer than two backends have ratios there."""
+    n, v, h = shape
+    ok = [r for r in rows if r["suite"] == "loss" and (r["n"], r["v"], r["h"]) == shape
+          and r.get("time_vs_naive") is not None and r.get("mem_vs_naive") is not None]
+    if len(ok) < 2:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    names = [STYLE.get(style_key(r), ("gray", "", style_key(r)))[2] for r in ok]
+    colors = [STYLE.get(style_key(r), ("gray",))[0] for r in ok]
+    panels = ((axes[0], "time_vs_naive", "time / naive"), (axes[1], "mem_vs_naive", "peak memory / naive"))
+    for ax, key, title in panels:
+        vals = [r[key] for r in ok]
+        bars = ax.barh(range(len(ok)), vals, color=colors)
+        for bar, val in zip(bars, vals):
+            ax.annotate(f"×{val:.3g}", (bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=9)
+        ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_yticks(range(len(ok)), names if ax is axes[0] else [""] * len(ok), fontsize=9)
+        ax.invert_yaxis()
+        ax.set_title(title)
+        ax.margins(x=0.25)
+    fig.suptitle(f"SDAR/GRPO loss fwd+bwd at N={n:,} V={v:,} H={h} {ok[0]['dtype']} ({ok[0]['device']}; "
+                 "ratios to naive, same run)")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -114,6 +153,12 @@ def write_plots(kernel_rows: Sequence[dict], trainer_rows: Sequence[dict], out_d
             path = os.path.join(out_dir, f"{suite}_{word}_vs_n.png")
             if kernel_figure(kernel_rows, suite, metric, path):
                 paths.append(path)
+    shapes = sorted({(r["n"], r["v"], r["h"]) for r in kernel_rows
+                     if r["suite"] == "loss" and r["backend"] == "liger" and r.get("time_vs_naive") is not None})
+    for shape in shapes:
+        path = os.path.join(out_dir, "loss_ratios_N{}_V{}_H{}.png".format(*shape))
+        if ratio_figure(kernel_rows, shape, path):
+            paths.append(path)
     path = os.path.join(out_dir, "trainer_tokens_per_s.png")
     if trainer_figure(trainer_rows, path):
         paths.append(path)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from typing import Iterable, Optional
 
-from .loss_cases import Case, skip_reason
+from .loss_cases import PRESET, Case, skip_reason
 from .worker import RESULT_PREFIX
 
 log = logging.getLogger("sdar_bench")
@@ -78,9 +78,15 @@ def run_case(case: Case, warmup: int = 1, repeats: int = 3, timeout_s: float = 9
 
 def add_ratios(rows: list[dict], baseline: str = "naive") -> list[dict]:
     """Fill time_vs_naive / mem_vs_naive / value_diff on every ok row whose shape has an ok
-    ``baseline`` row measured in the same run (None elsewhere)."""
+    ``baseline`` row measured in the same run (None elsewhere). The baseline of a shape is its
+    naive row of the default preset ("sdar") when there is one; value_diff compares losses of
+    different presets too (it is only meaningful within one preset)."""
     key = lambda r: (r["suite"], r["n"], r["v"], r["h"], r["dtype"], r["device"])  # noqa: E731
-    base = {key(r): r for r in rows if r["backend"] == baseline and r["status"] == "ok"}
+    base: dict = {}
+    for r in rows:
+        if r["backend"] == baseline and r["status"] == "ok":
+            if key(r) not in base or r.get("preset", PRESET) == PRESET:
+                base[key(r)] = r
     for r in rows:
         b = base.get(key(r))
         ok = b is not None and r["status"] == "ok"

@@ -30,9 +30,12 @@ class LossConfig:
     """All knobs of L = c_pg Agg(L_pg) + c_kl Agg(k) - c_H Agg(H) + lambda Agg(L_sd).
 
     Coefficients are dimensionless; chunk sizes are counts of tokens / vocabulary entries.
-    ``grad_in_forward`` (torch backend): compute dL/dh and dL/dW during the forward from whole
-    vocabulary rows (3 GEMM passes instead of 4; exact, as the loss is a scalar); off, the
-    backward recomputes [token_chunk x vocab_chunk] tiles.
+    ``grad_in_forward`` (torch and triton backends, when a gradient is wanted): compute dL/dh and
+    dL/dW during the forward from whole vocabulary rows of a token chunk (3 lm_head GEMM passes
+    instead of 4; exact, as the loss is a scalar). On the triton backend ("auto" on CUDA) the
+    logits and gradient GEMMs run on cuBLAS with fp32 output and Triton row kernels do the
+    vocabulary work (kernels/triton_backend/rows.py). Off, the per-token statistics op
+    (linear_stats) runs and its backward recomputes the logit tiles.
     ``teacher_use`` picks how teacher log-probs enter: "sdar" (gated auxiliary, sd_coef = lambda),
     "skill_sd" (Skill-SD's weighted exp-divergence, sd_coef its coefficient), "rlsd" (teacher
     reweights the advantage; no auxiliary term), "none" (plain GRPO).
@@ -67,6 +70,9 @@ class LossConfig:
     vocab_chunk: int = 2048
     grad_in_forward: bool = True
     reference_dtype: str = "float64"
+    # value checks (kernels/input_checks.py): finite inputs and in-range targets on the tokens
+    # the loss reads, one host sync per call; off for CUDA graphs / torch.compile
+    check_inputs: bool = True
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():

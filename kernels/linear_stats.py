@@ -8,6 +8,7 @@ would ignore a per-token grad_output, cf. Liger PR #1298).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from types import ModuleType
 from typing import NamedTuple, Optional
@@ -15,8 +16,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .input_checks import check_values
 from .stats import DIVERGENCES, Stats, StatsSpec
 
+_STATS_FIELDS = frozenset(f.name for f in dataclasses.fields(Stats))
 _BACKEND_MODULES = {"torch": "sdar_kernels.chunked", "triton": "sdar_kernels.triton_backend"}
 
 
@@ -66,6 +69,9 @@ class _LinearStatsFn(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, targets, t_hidden, t_weight, t_bias,
                               stats.lse, stats.entropy, stats.teacher_lse, stats.div_aux)
         ctx.set_materialize_grads(False)
+        # Optional per-(row, vocab tile) logit maxima a backend keeps for block skipping
+        # (triton_backend.hopper, SDAR_TRITON_SKIP_EPS > 0): carried to the backward as they are.
+        ctx.extras = {k: v for k, v in vars(stats).items() if k not in _STATS_FIELDS}
         for t in (ent, div):
             if t.numel() == 0:
                 ctx.mark_non_differentiable(t)
@@ -77,6 +83,8 @@ class _LinearStatsFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         # logp itself is not needed by any backward; lse stands in for it.
         stats = Stats(logp=lse, lse=lse, entropy=ent, teacher_lse=tlse, div_aux=aux)
+        for k, v in ctx.extras.items():
+            setattr(stats, k, v)
         g_ent = g_ent if ent is not None else None
         g_div = g_div if tlse is not None else None
         d_h, d_w, d_b = _module(ctx.backend).stats_backward(
@@ -100,9 +108,6 @@ def _validate(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, spec: S
                          f"{tuple(targets.shape)}")
     if spec.divergence not in DIVERGENCES:
         raise ValueError(f"divergence={spec.divergence!r} is invalid; valid choices: {', '.join(DIVERGENCES)}")
-    if targets.device.type == "cpu" and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        raise ValueError(f"targets must lie in [0, V={weight.shape[0]}); got min {int(targets.min())}, "
-                         f"max {int(targets.max())} (mask padding positions instead of using -100)")
     if spec.divergence != "none":
         if t_hidden is None or t_weight is None:
             raise ValueError(f"divergence={spec.divergence!r} needs teacher_hidden and teacher_weight")
@@ -114,15 +119,23 @@ def _validate(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, spec: S
 def linear_stats(hidden: Tensor, weight: Tensor, targets: Tensor, spec: StatsSpec, *,
                  bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                  teacher_hidden: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None,
-                 teacher_bias: Optional[Tensor] = None, backend: str = "auto") -> TokenStats:
+                 teacher_bias: Optional[Tensor] = None, backend: str = "auto",
+                 check_inputs: bool = True) -> TokenStats:
     """Differentiable per-token statistics of the logits (W h + b) / tau without [N, V] logits.
 
     hidden [N, H], weight [V, H], targets [N] int64 in [0, V), mask [N] (optional: tokens where it
     is 0 are compacted away and get 0 in every output, at the cost of one host sync). The teacher
     inputs are needed only for a full-vocabulary divergence; the teacher never gets a gradient.
-    Returns TokenStats of [N] tensors in fp32 (fp64 for fp64 inputs).
+    Returns TokenStats of [N] tensors in fp32 (fp64 for fp64 inputs). check_inputs: raise a
+    ValueError naming the token when a hidden row (teacher row) the pass reads is non-finite or
+    a target id lies outside [0, V) there (one host sync; kernels/input_checks.py).
     """
     _validate(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, spec)
+    if mask is not None and mask.shape != (hidden.shape[0],):
+        raise ValueError(f"mask must be [N]={hidden.shape[0]}; got shape {tuple(mask.shape)}")
+    if check_inputs:
+        check_values(mask, weight.shape[0], targets, {"hidden": hidden, "teacher_hidden": teacher_hidden},
+                     {"weight": weight, "teacher_weight": teacher_weight})
     name = resolve_backend(backend, hidden.device)
     if name == "reference":
         name = "torch"  # the reference path is a whole-loss oracle; stats use the chunked kernel
@@ -132,8 +145,6 @@ def linear_stats(hidden: Tensor, weight: Tensor, targets: Tensor, spec: StatsSpe
     n = hidden.shape[0]
     index = None
     if mask is not None:
-        if mask.shape != (n,):
-            raise ValueError(f"mask must be [N]={n}; got shape {tuple(mask.shape)}")
         index = (mask != 0).nonzero().squeeze(1)
         if index.numel() == n:
             index = None

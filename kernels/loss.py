@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import terms
 from .config import LossConfig
+from .input_checks import check_values
 from .linear_stats import _validate, linear_stats, resolve_backend
 from .rowwise import rowwise_sdar_loss
 from .stats import StatsSpec, accum_dtype
@@ -52,16 +53,29 @@ def _own_precision(fn: Callable) -> Callable:
     return wrapper
 
 
+def _follow_hidden_dtype(hidden: Tensor, backend: str, **tensors: Optional[Tensor]) -> dict:
+    """The Triton kernels read hidden and the lm_head in one dtype: outside autocast too, a
+    weight (bias, teacher tensors) of another dtype follows hidden's, differentiably (an fp32
+    lm_head with bf16 hidden states gets its fp32 gradient through the cast). The torch backend
+    takes mixed dtypes as they are (it computes in fp32 anyway), so nothing is copied there."""
+    if resolve_backend(backend, hidden.device) != "triton":
+        return tensors
+    return {k: (t.to(hidden.dtype) if t is not None and t.dtype != hidden.dtype else t)
+            for k, t in tensors.items()}
+
+
 @_own_precision
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
                           with_entropy: bool = False, bias: Optional[Tensor] = None,
                           mask: Optional[Tensor] = None, backend: str = "auto", token_chunk: int = 1024,
-                          vocab_chunk: int = 2048) -> tuple[Tensor, Optional[Tensor]]:
+                          vocab_chunk: int = 2048, check_inputs: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log p(y_i) (and entropy, nats) of softmax((W h + b) / temperature), no [N, V] logits.
 
     hidden [N, H], weight [V, H], targets [N] int64, mask [N] optional (masked tokens cost no FLOPs
     and return 0). Returns (logp [N], entropy [N] or None) in fp32 (fp64 for fp64 input),
-    differentiable w.r.t. hidden, weight and bias.
+    differentiable w.r.t. hidden, weight and bias. check_inputs: raise a ValueError naming the
+    token when a hidden row the pass reads is non-finite or a target id lies outside [0, V)
+    (one host sync; kernels/input_checks.py).
     """
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} is invalid; expected a number > 0")
@@ -79,7 +93,9 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, tempe
         return st.logp, (st.entropy if with_entropy else None)
     spec = StatsSpec(temperature=temperature, with_entropy=with_entropy, token_chunk=token_chunk,
                      vocab_chunk=vocab_chunk)
-    out = linear_stats(hidden, weight, targets, spec, bias=bias, mask=mask, backend=backend)
+    cast = _follow_hidden_dtype(hidden, backend, weight=weight, bias=bias)
+    out = linear_stats(hidden, cast["weight"], targets, spec, bias=cast["bias"], mask=mask,
+                       backend=backend, check_inputs=check_inputs)
     return out.logp, out.entropy
 
 
@@ -125,13 +141,24 @@ def fused_linear_sdar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
         return reference_sdar_loss(hidden, weight, targets, advantages, old_logprobs, loss_mask,
                                    teacher_logprobs, teacher_hidden, teacher_weight, ref_logprobs,
                                    segment_ids, normalizer, bias, teacher_bias, cfg)
+    full_div = cfg.full_vocab_divergence
+    _validate(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias,
+              StatsSpec(divergence=cfg.divergence if full_div else "none"))
+    if cfg.check_inputs:
+        check_values(loss_mask, weight.shape[0], targets,
+                     {"hidden": hidden, "advantages": advantages, "old_logprobs": old_logprobs,
+                      "teacher_logprobs": teacher_logprobs, "ref_logprobs": ref_logprobs,
+                      "teacher_hidden": teacher_hidden if full_div else None},
+                     {"weight": weight, "teacher_weight": teacher_weight if full_div else None,
+                      "normalizer": normalizer})
+    cast = _follow_hidden_dtype(hidden, cfg.backend, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
+                                teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+    weight, bias, teacher_bias = cast["weight"], cast["bias"], cast["teacher_bias"]
+    teacher_hidden, teacher_weight = cast["teacher_hidden"], cast["teacher_weight"]
     acc = accum_dtype(hidden.dtype)
     mask = (loss_mask != 0).to(acc)
-    full_div = cfg.full_vocab_divergence
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if cfg.grad_in_forward and wants_grad and resolve_backend(cfg.backend, hidden.device) == "torch":
-        _validate(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias,
-                  StatsSpec(divergence=cfg.divergence if full_div else "none"))
+    if cfg.grad_in_forward and wants_grad and resolve_backend(cfg.backend, hidden.device) in ("torch", "triton"):
         weights = terms.token_weights(mask, segment_ids, normalizer, cfg)
         loss, logp, ent, div = rowwise_sdar_loss(
             hidden, weight, bias, targets, loss_mask, weights, advantages, old_logprobs, teacher_logprobs,
@@ -144,7 +171,7 @@ def fused_linear_sdar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                      token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk)
     st = linear_stats(hidden, weight, targets, spec, bias=bias, mask=loss_mask,
                       teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                      teacher_bias=teacher_bias, backend=cfg.backend)
+                      teacher_bias=teacher_bias, backend=cfg.backend, check_inputs=False)
     loss, metrics = sdar_epilogue(st.logp, st.entropy, st.div, advantages, old_logprobs, mask,
                                   teacher_logprobs, ref_logprobs, segment_ids, normalizer, cfg)
     return SDAROutput(loss=loss, metrics=metrics, logprobs=st.logp.detach(), entropy=st.entropy.detach())

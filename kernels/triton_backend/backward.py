@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..stats import Stats, StatsSpec
 from .backward_kernels import dlogits_kernel
-from .configs import choose_config, device_arch
+from .configs import choose_config, device_arch, interpreting, kernel_variant
 from .forward import DIV_CODES, kernel_flags, launch_kwargs
 
 # Upper bound on the dL/dz scratch (bytes); env SDAR_TRITON_SCRATCH_MB overrides.
@@ -42,6 +42,19 @@ def _accumulate_dh(acc: Tensor, dz: Tensor, w_chunk: Tensor) -> None:
     acc += torch.mm(dz, w_chunk).float()
 
 
+def _scratch(numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A flat dL/dz scratch buffer, viewed per vocab chunk as a *contiguous* [rows, chunk] tensor.
+
+    No GEMM operand is a strided view with padding columns, and on the CPU the buffer starts
+    zeroed: the CPU bf16 matmul was seen to read past a view's columns (and a last row may read
+    past its end), so stale NaNs in a torch.empty buffer reached dL/dh in ~1 call in 5, depending
+    on leftover memory (issue #10). cuBLAS reads only the view, so CUDA skips the memset.
+    """
+    if device.type == "cuda":
+        return torch.empty(numel, device=device, dtype=dtype)
+    return torch.zeros(numel, device=device, dtype=dtype)
+
+
 def stats_backward_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                           t_hidden: Optional[Tensor], t_weight: Optional[Tensor],
                           t_bias: Optional[Tensor], spec: StatsSpec, stats: Stats,
@@ -59,12 +72,16 @@ def stats_backward_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         raise ValueError("stats.entropy=None: g_entropy was given but the forward ran without "
                          "with_entropy")
     th, tw = (t_hidden, t_weight) if div else (hidden, weight)
+    variant = kernel_variant(hidden.device)
     cfg = choose_config("bwd", max(h, th.shape[1]), hidden.dtype, has_teacher=bool(div),
-                        arch=device_arch(hidden.device))
+                        arch=device_arch(hidden.device), variant=variant)
     width = chunk_width(n, vocab, hidden.element_size(), cfg.block_v)
     n_tok = triton.cdiv(n, cfg.block_n)
-    scratch = torch.empty((n, width), device=hidden.device, dtype=hidden.dtype)
-    dbp = torch.empty((n_tok, width), device=hidden.device, dtype=torch.float32) if need_bias else scratch
+    # The interpreter casts fp32 -> bf16 by truncation where a GPU rounds to nearest even: there
+    # the kernel stores fp32 and torch rounds, so tests see the GPU's dL/dz bit for bit.
+    store_dtype = torch.float32 if interpreting() else hidden.dtype
+    scratch = _scratch(n * width, hidden.device, store_dtype)
+    dbp = _scratch(n_tok * width, hidden.device, torch.float32) if need_bias else scratch
     single = width >= vocab  # one chunk: dL/dh is one GEMM over all of V, no fp32 buffer
     dh = torch.zeros((n, h), device=hidden.device, dtype=torch.float32) if need_hidden and not single else None
     dw = torch.empty_like(weight) if need_weight else None
@@ -72,19 +89,27 @@ def stats_backward_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
     placeholder = stats.lse
     for v0 in range(0, vocab, width):
         v1 = min(v0 + width, vocab)
-        dlogits_kernel[(n_tok * triton.cdiv(v1 - v0, cfg.block_v),)](
-            hidden, weight, bias if bias is not None else hidden, targets, th, tw,
-            t_bias if (t_bias is not None and div) else th, stats.lse,
-            _or(stats.entropy, placeholder), _or(stats.teacher_lse, placeholder),
-            _or(stats.div_aux, placeholder), _or(g_logp, placeholder),
-            _or(g_entropy, placeholder), _or(g_div, placeholder), scratch, dbp,
-            n, v0, v1, h, th.shape[1], hidden.stride(0), weight.stride(0), th.stride(0),
-            tw.stride(0), width, 1.0 / spec.temperature, float(spec.jsd_beta),
-            BN=cfg.block_n, BV=cfg.block_v, BK=cfg.block_k, HAS_GL=g_logp is not None,
-            HAS_GE=g_entropy is not None, HAS_GD=bool(div), DIV=div, HAS_BIAS=bias is not None,
-            HAS_TBIAS=t_bias is not None and bool(div), WRITE_DB=need_bias,
-            **kernel_flags(hidden, th.shape[1], cfg), **launch_kwargs(cfg))
-        dz = scratch[:, : v1 - v0]
+        cw = v1 - v0
+        dz = scratch[: n * cw].view(n, cw)
+        if variant == "hopper":
+            from .hopper import dlogits_hopper  # lazy: hopper.py imports forward.py
+            dlogits_hopper(hidden, weight, bias, targets, th, tw, t_bias if div else None, spec,
+                           stats, g_logp, g_entropy, g_div if div else None, div, dz,
+                           dbp[: n_tok * cw].view(n_tok, cw) if need_bias else None, v0, v1, cfg)
+        else:
+            dlogits_kernel[(n_tok * triton.cdiv(v1 - v0, cfg.block_v),)](
+                hidden, weight, bias if bias is not None else hidden, targets, th, tw,
+                t_bias if (t_bias is not None and div) else th, stats.lse,
+                _or(stats.entropy, placeholder), _or(stats.teacher_lse, placeholder),
+                _or(stats.div_aux, placeholder), _or(g_logp, placeholder),
+                _or(g_entropy, placeholder), _or(g_div, placeholder), dz, dbp,
+                n, v0, v1, h, th.shape[1], hidden.stride(0), weight.stride(0), th.stride(0),
+                tw.stride(0), cw, 1.0 / spec.temperature, float(spec.jsd_beta),
+                BN=cfg.block_n, BV=cfg.block_v, BK=cfg.block_k, HAS_GL=g_logp is not None,
+                HAS_GE=g_entropy is not None, HAS_GD=bool(div), DIV=div, HAS_BIAS=bias is not None,
+                HAS_TBIAS=t_bias is not None and bool(div), WRITE_DB=need_bias,
+                **kernel_flags(hidden, th.shape[1], cfg), **launch_kwargs(cfg))
+        dz = dz.to(hidden.dtype)
         if need_hidden and single:
             dh = torch.mm(dz, weight)
         elif need_hidden:
@@ -92,7 +117,7 @@ def stats_backward_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
         if need_weight:
             torch.mm(dz.t(), hidden, out=dw[v0:v1])
         if need_bias:
-            db[v0:v1] = dbp[:, : v1 - v0].sum(0)
+            db[v0:v1] = dbp[: n_tok * cw].view(n_tok, cw).sum(0)
     return (dh.to(hidden.dtype) if need_hidden else None, dw,
             db.to(bias.dtype) if need_bias else None)
 

@@ -24,15 +24,17 @@ HIDDEN_SIZES = (896, 1536, 2048, 3584, 4096, 5120, 8192)
 TARGETS = {90: SM90, 80: SM80}
 
 
-def gate_failures(arch: int, res: CompileResult) -> list[str]:
+def gate_failures(arch: int, res: CompileResult, family: str = "") -> list[str]:
     """Human-readable reasons a compiled specialization fails the gate (empty = pass)."""
     bad = []
     if res.spills:
         bad.append(f"{res.spills} bytes of register spills")
     if res.smem > SMEM_LIMIT[arch]:
         bad.append(f"shared memory {res.smem} B > {SMEM_LIMIT[arch]} B")
-    if arch == 90 and not res.wgmma:
+    if arch == 90 and res.wgmma is False:  # None: a kernel without tl.dot
         bad.append("no wgmma in sm_90a PTX")
+    if arch == 90 and family.endswith("_hopper") and not res.tma:
+        bad.append("no TMA (cp.async.bulk.tensor) in the Hopper variant's sm_90a PTX")
     return bad
 
 
@@ -51,7 +53,8 @@ def run(quick: bool, hidden_sizes=HIDDEN_SIZES) -> list[dict]:
         res = cache[key]
         rows.append(dict(arch=arch, H=h, kernel=v.family, flags=v.flag_label(),
                          config=v.config.label(), regs=res.regs, spills=res.spills,
-                         smem=res.smem, wgmma=res.wgmma, failures=gate_failures(arch, res)))
+                         smem=res.smem, wgmma=res.wgmma, tma=res.tma,
+                         failures=gate_failures(arch, res, v.family)))
     return rows
 
 
@@ -64,7 +67,8 @@ def summary_table(rows: list[dict]) -> list[str]:
            "| spills (B) | max smem (KB) | wgmma |", "|---|---|---|---|---|---|---|---|---|"]
     for (arch, kernel, h), rs in sorted(groups.items(), key=lambda x: (-x[0][0], x[0][1], x[0][2])):
         configs = " / ".join(sorted({r["config"] for r in rs}))
-        wg = "all" if all(r["wgmma"] for r in rs) else ("none" if arch == 80 else "MISSING")
+        wg = ("n/a" if all(r["wgmma"] is None for r in rs) else "all" if all(r["wgmma"] for r in rs)
+              else ("none" if arch == 80 else "MISSING"))
         out.append(f"| sm_{arch}{'a' if arch == 90 else ''} | {kernel} | {h} | {configs} | {len(rs)} "
                    f"| {max(r['regs'] for r in rs)} | {sum(r['spills'] for r in rs)} "
                    f"| {max(r['smem'] for r in rs) / 1024:.0f} | {wg} |")
@@ -82,7 +86,7 @@ def detail_table(rows: list[dict]) -> list[str]:
     for (arch, kernel, flags, cfg), r in sorted(merged.items(), key=lambda x: (-x[0][0], x[0][1:])):
         hs = ",".join(str(h) for h in r["Hs"])
         out.append(f"| sm_{arch}{'a' if arch == 90 else ''} | {kernel} | {flags} | {hs} | {cfg} | {r['regs']} | {r['spills']} "
-                   f"| {r['smem'] / 1024:.0f} | {'yes' if r['wgmma'] else 'no'} |")
+                   f"| {r['smem'] / 1024:.0f} | {'n/a' if r['wgmma'] is None else 'yes' if r['wgmma'] else 'no'} |")
     return out
 
 
@@ -98,7 +102,10 @@ def write_markdown(rows: list[dict], path: str, quick: bool) -> None:
              "", f"Gate: no spills, smem within limit, `wgmma` in sm_90a PTX. "
              f"Result: **{'PASS' if not fails else f'FAIL ({len(fails)} rows)'}**.", "",
              "Kernels: `fwd` = stats_fwd_kernel (DIV 0 none, 1 reverse_kl, 2 forward_kl, "
-             "3 jsd pass 1), `jsd` = jsd_fwd_kernel (jsd pass 2), `bwd` = dlogits_kernel.", "",
+             "3 jsd pass 1), `jsd` = jsd_fwd_kernel (jsd pass 2), `bwd` = dlogits_kernel; "
+             "`row_stats` / `row_dz` = the 3-pass path's row kernels (no tl.dot: wgmma n/a). "
+             "`*_hopper` = the Hopper variant (hopper_kernels.py, SDAR_TRITON_VARIANT=hopper; "
+             "sm_90a only, TMA descriptors: the gate also requires `cp.async.bulk.tensor`).", "",
              "## Summary per kernel family and H", ""]
     lines += summary_table(rows) + ["", "## Every distinct specialization", ""] + detail_table(rows)
     with open(path, "w") as f:

@@ -13,7 +13,7 @@ import triton
 from torch import Tensor
 
 from ..stats import Stats, StatsSpec
-from .configs import TileConfig, choose_config, device_arch, interpreting
+from .configs import TileConfig, choose_config, device_arch, interpreting, kernel_variant
 from .forward_kernels import (DIV_FORWARD, DIV_NONE, DIV_REVERSE, DIV_TEACHER_LSE, N_STATS,
                               jsd_fwd_kernel, stats_fwd_kernel)
 
@@ -63,6 +63,9 @@ def stats_forward_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                          t_hidden: Optional[Tensor], t_weight: Optional[Tensor],
                          t_bias: Optional[Tensor], spec: StatsSpec) -> Stats:
     """The Triton forward for fp32/bf16/fp16 inputs; all outputs [N] fp32."""
+    if kernel_variant(hidden.device) == "hopper":
+        from .hopper import stats_forward_hopper  # lazy: hopper.py imports this module
+        return stats_forward_hopper(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, spec)
     n, h = hidden.shape
     vocab = weight.shape[0]
     div = DIV_CODES[spec.divergence]
@@ -71,7 +74,9 @@ def stats_forward_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                         arch=device_arch(hidden.device))
     vps, n_splits = split_layout(n, vocab, cfg, hidden.device)
     part = torch.empty((N_STATS, n, n_splits), device=hidden.device, dtype=torch.float32)
-    z_y = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    # NaN until the split holding y writes it: a target outside [0, V) that slipped past the
+    # input checks shows as a NaN log-prob, never as leftover memory.
+    z_y = torch.full((n,), float("nan"), device=hidden.device, dtype=torch.float32)
     grid = (triton.cdiv(n, cfg.block_n) * n_splits,)
     stats_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets,

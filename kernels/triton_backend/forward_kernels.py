@@ -99,12 +99,20 @@ def stats_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr, part_pt
 
 @triton.jit
 def jsd_terms(z, zt, lse_s, lse_t, beta):
-    """Per-element (log p, log M, p, q) of the JSD mixture M = beta q + (1 - beta) p."""
+    """Per-element (log p, log q, log M, p, q) of the JSD mixture M = beta q + (1 - beta) p.
+
+    log M = logaddexp(log q + log beta, log p + log(1 - beta)) with the max taken over the
+    *weighted* terms: at beta = 1 (0) that is exactly log q (log p), finite however far apart p
+    and q are. (Taking the max of log p, log q instead underflows beta q + (1 - beta) p to 0 once
+    they differ by ~103 nats: log M = -inf, then 0 * inf = NaN in the values and gradients.)
+    """
     lp = z - lse_s[:, None]
     lq = zt - lse_t[:, None]
-    mx = tl.maximum(lp, lq)
+    a = lq + tl.log(beta)  # -inf at beta = 0
+    b = lp + tl.log(1.0 - beta)  # -inf at beta = 1
+    mx = tl.maximum(a, b)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
-    log_m = mx + tl.log(beta * tl.exp(lq - mx) + (1.0 - beta) * tl.exp(lp - mx))
+    log_m = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
     return lp, lq, log_m, tl.exp(lp), tl.exp(lq)
 
 

@@ -58,9 +58,31 @@ def grouped_tile(n_rows_tiles, n_cols, GROUP_N: tl.constexpr):
     tiles, so both stay in L2 (the usual grouped GEMM order); a plain token-major order
     would stream every program's hidden tile from HBM once per vocab tile.
     """
-    pid = tl.program_id(0)
+    return grouped_coords(tl.program_id(0), n_rows_tiles, n_cols, GROUP_N)
+
+
+@triton.jit
+def grouped_coords(tile_id, n_rows_tiles, n_cols, GROUP_N: tl.constexpr):
+    """(token tile, column index) of linear tile `tile_id` in the grouped order of `grouped_tile`
+    (persistent kernels walk tile ids themselves instead of reading the program id)."""
     per_group = GROUP_N * n_cols
-    first = (pid // per_group) * GROUP_N
+    first = (tile_id // per_group) * GROUP_N
     size = tl.minimum(n_rows_tiles - first, GROUP_N)
-    local = pid % per_group
+    local = tile_id % per_group
     return first + local % size, local // size
+
+
+@triton.jit
+def to_store_dtype(x, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+    """fp32 x cast to `dtype` with round-to-nearest-even, as a GPU's cast does.
+
+    BF16_BY_HAND (interpreter only): Triton's interpreter casts fp32 -> bf16 by truncation, so
+    tests would see different dL/dz bits than a GPU; this rounds the bits by hand instead
+    (add 0x7FFF plus the lowest kept bit, then drop the low half: round half to even).
+    """
+    if BF16_BY_HAND:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)

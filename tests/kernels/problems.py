@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,8 +16,20 @@ from sdar_kernels.stats import StatsSpec
 
 
 def fresh_seed() -> int:
-    """A new seed per run (override with SDAR_TEST_SEED to replay a failure)."""
-    return int(os.environ.get("SDAR_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    """The random seed of the running test: FIXED by default, a different one per test and case.
+
+    Default: a stable hash of the pytest node id (the test and its parameters), so `make test`
+    checks the same broad set of seeds on every run and machine. SDAR_TEST_SEED=random explores
+    (a fresh seed per call, printed in every assertion); SDAR_TEST_SEED=<n> replays one seed. A
+    seed that exploration finds failing becomes a fixed case in the test that found it.
+    """
+    env = os.environ.get("SDAR_TEST_SEED", "")
+    if env == "random":
+        return random.SystemRandom().randrange(2**31)
+    if env:
+        return int(env)
+    node = os.environ.get("PYTEST_CURRENT_TEST", "outside-pytest").rsplit(" (", 1)[0]
+    return zlib.crc32(node.encode()) & 0x7FFFFFFF
 
 
 @dataclass

@@ -133,7 +133,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="ref_logprobs"):
         fused_linear_sdar_loss(h, p.weight, p.targets, p.advantages, p.old, p.mask, teacher_logprobs=p.teacher,
                                config=cfg)
-    with pytest.raises(ValueError, match=r"targets must lie in \[0, V=20\)"):
+    with pytest.raises(ValueError, match=r"targets\[0\]=-100 is outside \[0, V=20\)"):
         fused_linear_sdar_loss(h, p.weight, p.targets * 0 - 100, p.advantages, p.old, p.mask,
                                teacher_logprobs=p.teacher, ref_logprobs=p.ref, config=cfg)
     with pytest.raises(ValueError, match=r"weight must be \[V, H\] with H=8"):

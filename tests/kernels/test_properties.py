@@ -23,7 +23,7 @@ shapes = st.tuples(st.sampled_from([1, 123, 1001, 32768]), st.sampled_from([1, 3
                    st.sampled_from([0, 1, 7, 300]))
 
 
-@settings(max_examples=200, deadline=None, derandomize=False,
+@settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(opts=configs, shape=shapes, scale=st.sampled_from([1.0, 30.0, 1e4]),
        masking=st.sampled_from(["some", "none", "all"]), n_seq=st.sampled_from([1, 4]),

@@ -35,10 +35,10 @@ def rows() -> list[dict]:
 
 def test_every_h_arch_and_kernel_is_covered(rows: list[dict]) -> None:
     seen = {(r["arch"], r["H"], r["kernel"]) for r in rows}
-    want = {(a, h, k) for a in (90, 80) for h in HIDDEN for k in ("fwd", "jsd", "bwd")}
+    want = {(a, h, k) for a in (90, 80) for h in HIDDEN for k in ("fwd", "jsd", "bwd", "row_stats", "row_dz")}
     assert want <= seen, f"missing specializations: {sorted(want - seen)[:10]}"
     divs = {(r["kernel"], r["flags"].split("DIV=")[-1]) for r in rows if "DIV=" in r["flags"]}
-    assert {("fwd", d) for d in "0123"} | {("bwd", d) for d in "0123"} <= divs
+    assert {(k, d) for k in ("fwd", "bwd", "row_stats", "row_dz") for d in "0123"} <= divs
 
 
 def test_no_register_spills(rows: list[dict]) -> None:
@@ -53,5 +53,17 @@ def test_shared_memory_fits(rows: list[dict]) -> None:
 
 
 def test_hopper_ptx_uses_wgmma(rows: list[dict]) -> None:
-    bad = [(r["kernel"], r["H"], r["flags"], r["config"]) for r in rows if r["arch"] == 90 and not r["wgmma"]]
+    bad = [(r["kernel"], r["H"], r["flags"], r["config"]) for r in rows if r["arch"] == 90 and r["wgmma"] is False]
+    assert all(r["wgmma"] is None for r in rows if r["kernel"].startswith("row_"))  # no tl.dot there
     assert not bad, f"sm_90a PTX without wgmma: {bad[:8]}"
+
+
+def test_hopper_variant_uses_tma_and_wgmma_on_sm90_only(rows: list[dict]) -> None:
+    """The Hopper variant (hopper_kernels.py) is compiled for sm_90a at every H, with TMA
+    descriptors (cp.async.bulk.tensor) and wgmma in its PTX; it is never built for sm_80."""
+    hopper = [r for r in rows if r["kernel"].endswith("_hopper")]
+    seen = {(r["H"], r["kernel"]) for r in hopper if r["arch"] == 90}
+    assert {(h, k) for h in HIDDEN for k in ("fwd_hopper", "jsd_hopper", "bwd_hopper")} <= seen
+    assert not [r for r in hopper if r["arch"] != 90], "Hopper variant compiled for sm_80"
+    bad = [(r["kernel"], r["H"], r["flags"]) for r in hopper if not (r["tma"] and r["wgmma"])]
+    assert not bad, f"Hopper variant without TMA or wgmma: {bad[:8]}"

@@ -1,5 +1,8 @@
-"""Triton backend edge cases under TRITON_INTERPRET=1: empty input, determinism, masked rows,
-optional gradients, fp64 fallback, input validation, and the public loss API end to end."""
+"""Triton backend edge cases under TRITON_INTERPRET=1: empty input, masked rows, optional
+gradients, fp64 fallback, input validation, and the public loss API end to end.
+
+Bitwise run-to-run determinism is a GPU property (the interpreter runs programs one after
+another, so it cannot fail here): benchmarks/gpu/run_gpu_check.py checks it on a GPU."""
 from __future__ import annotations
 
 import os
@@ -29,18 +32,6 @@ def test_empty_batch_gives_empty_stats_and_zero_grads(div: str) -> None:
                                    x.t_bias, spec, st, *x.grads, True, True, True)
     assert dh.shape == (0, 31) and dw.shape == (123, 31) and db.shape == (123,)
     assert not dw.any() and not db.any()
-
-
-@pytest.mark.parametrize("div", ["none", "jsd"])
-def test_deterministic_mode_is_bitwise_reproducible(div: str) -> None:
-    seed = seed_now()
-    tb = _backend()
-    assert tb.DETERMINISTIC
-    x = make_inputs(Case(torch.bfloat16, 77, 1001, 64, div, True, True, 0.7, beta=0.3), seed)
-    a, b = run_triton(x, StatsSpec(0.7, True, div, 0.3)), run_triton(x, StatsSpec(0.7, True, div, 0.3))
-    for k in ("logp", "entropy", "div", "dh", "dw", "db"):
-        if a[k] is not None:
-            assert torch.equal(a[k], b[k]), f"{k} differs between two runs, seed={seed}"
 
 
 def test_all_zero_upstream_grads_give_exact_zeros() -> None:
@@ -144,7 +135,7 @@ hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
 
 
-@hypothesis.settings(max_examples=6, deadline=None, derandomize=False)
+@hypothesis.settings(max_examples=6, deadline=None)
 @hypothesis.given(n=st.integers(1, 40), v=st.integers(2, 300), h=st.integers(1, 70),
                   div=st.sampled_from(DIVS), tau=st.floats(0.3, 3.0), beta=st.floats(0.0, 1.0),
                   dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),

@@ -10,12 +10,12 @@ relative amount. There the bound is 2x plain fp32 PyTorch's error + 1e-5 + 1.2e-
 Likewise a gradient far below fp32 resolution of its own terms (p = 1 - 1e-12: dL/dz = g (1 - p))
 is noise for any fp32 code, so the fp32 bound is max(1e-5, 2x plain fp32 PyTorch's error);
 on well-conditioned cases plain fp32 is ~1e-7 and the bound is the plain 1e-5.
-Seeds are fresh per run and printed in every assertion (SDAR_TEST_SEED=<n> replays one).
+Seeds are fixed per test and case (tests/kernels/problems.fresh_seed) and printed in every
+assertion; SDAR_TEST_SEED=random explores, SDAR_TEST_SEED=<n> replays one.
 """
 from __future__ import annotations
 
 import os
-import random
 import sys
 import warnings
 from typing import NamedTuple, Optional
@@ -43,7 +43,9 @@ def _backend():
 
 
 def seed_now() -> int:
-    return int(os.environ.get("SDAR_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    """Fixed per test and case by default; SDAR_TEST_SEED=random explores (see problems.fresh_seed)."""
+    from .problems import fresh_seed
+    return fresh_seed()
 
 
 class Case(NamedTuple):
@@ -166,6 +168,7 @@ def check_case(c: Case, seed: int) -> None:
     got, ref = run_triton(x, spec), oracle(x, spec)
     extreme = c.scale > 100
     plain = oracle(x, spec, dtype=c.dtype)
+    f32 = oracle(x, spec, dtype=torch.float32) if c.dtype != torch.float32 else plain
     tag = f"seed={seed} case={c}"
     z_max = (x.hidden.double() @ x.weight.double().T).abs().max().item() / c.tau if c.n else 0.0
     floors = grad_floors(x, c.tau)
@@ -184,7 +187,14 @@ def check_case(c: Case, seed: int) -> None:
             natural = floors[k] / FLOOR_FRACTION
             lse_ulp = 1.2e-7 * z_max * natural / max(ref[k].abs().max().item() if ref[k].numel() else 0.0,
                                                     floors[k])
-        if c.dtype != torch.float32:
+        if c.dtype != torch.float32 and k not in GRADS:
+            # 16-bit inputs, fp32 statistics: as accurate as fp32 math on the same rounded inputs
+            # (measured ~1e-7); a kernel that rounded logits to 16 bits would be off by ~1e-3.
+            f32_err = rel_err(f32[k], ref[k], False)
+            bound = max(1e-5, 2 * f32_err) + (1.2e-7 * z_max if extreme else 0.0)
+        elif c.dtype != torch.float32:
+            # 16-bit gradients: dL/dz is rounded to 16 bits for the GEMMs (checked element-wise in
+            # test_16bit_dlogits_are_the_rounded_exact_dlogits); the GEMM's own rounding is torch's.
             bound = plain_err + 1e-2
         elif extreme:
             bound = 2 * plain_err + 1e-5 + 1.2e-7 * z_max + lse_ulp
@@ -214,6 +224,9 @@ CASES = [
     Case(BF16, 77, 1001, 64, "jsd", True, True, 2.0, beta=0.3),
     Case(BF16, 1, 4096, 31, "forward_kl", True, False, 0.5),
     Case(F16, 77, 123, 64, "reverse_kl", True, True, 1.0),
+    # Saturated softmax, V=2, H=1 (an fp32 case that flaked once with a fresh seed).
+    Case(F32, 1, 2, 1, "none", True, False, 0.3, scale=8.0),
+    Case(F32, 7, 2, 1, "forward_kl", True, True, 0.3, scale=8.0),
     # Extreme logits (|z| ~ 1e4): shifted accumulators must not cancel.
     Case(F32, 77, 1001, 64, "reverse_kl", True, True, 1.0, scale=4e3),
     Case(F32, 77, 123, 31, "forward_kl", True, False, 0.5, scale=4e3),

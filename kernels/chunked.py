@@ -103,7 +103,8 @@ def stats_forward(hidden, weight, bias, targets, teacher_hidden, teacher_weight,
         h = hidden[t0:t1].to(acc)
         ht = teacher_hidden[t0:t1].to(acc) if with_teacher else None
         y = targets[t0:t1]
-        zy = h.new_zeros(t1 - t0)
+        # NaN unless a tile holds y: a target outside [0, V) (host checks off) gives a NaN log-prob
+        zy = torch.where((y >= 0) & (y < v), 0.0, float("nan")).to(h.dtype)
         state = None
         for v0, v1 in _tiles(v, spec.vocab_chunk):
             z = _logits(h, weight, bias, v0, v1, tau)

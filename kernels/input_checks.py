@@ -14,6 +14,7 @@ The message, built only on failure, names the input, the first offending token a
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -36,7 +37,7 @@ def _plain(t: Tensor) -> bool:
 
 
 def check_values(keep: Optional[Tensor], vocab: int, targets: Tensor, rows: dict[str, Optional[Tensor]],
-                 whole: dict[str, Optional[Tensor]]) -> None:
+                 whole: dict[str, object]) -> None:
     """Raise ValueError if an input the loss reads is non-finite or a target id is out of range.
 
     keep: [N] bool (or 0/1) tokens the loss reads; None = all. targets: [N] int ids, must lie in
@@ -53,6 +54,8 @@ def check_values(keep: Optional[Tensor], vocab: int, targets: Tensor, rows: dict
         if t is not None and t.numel() and _plain(t):
             checks.append(("row", name, t.detach(), _bad_rows(t.detach()) & keep))
     for name, t in whole.items():
+        if isinstance(t, (int, float)) and not math.isfinite(t):
+            raise ValueError(f"{name}={t} is not finite; it must be a finite number (or a tensor)")
         if isinstance(t, Tensor) and t.numel() and _plain(t):
             d = t.detach()
             checks.append(("whole", name, d, ~(torch.isfinite(d.amax()) & torch.isfinite(d.amin()))))

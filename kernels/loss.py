@@ -144,21 +144,20 @@ def fused_linear_sdar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
     full_div = cfg.full_vocab_divergence
     _validate(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias,
               StatsSpec(divergence=cfg.divergence if full_div else "none"))
-    if cfg.check_inputs:
+    if cfg.check_inputs:  # the inputs this config reads, nothing else
         check_values(loss_mask, weight.shape[0], targets,
                      {"hidden": hidden, "advantages": advantages, "old_logprobs": old_logprobs,
-                      "teacher_logprobs": teacher_logprobs, "ref_logprobs": ref_logprobs,
+                      "teacher_logprobs": teacher_logprobs if cfg.uses_teacher else None,
+                      "ref_logprobs": ref_logprobs if cfg.kl_coef != 0 else None,
                       "teacher_hidden": teacher_hidden if full_div else None},
                      {"weight": weight, "teacher_weight": teacher_weight if full_div else None,
                       "normalizer": normalizer})
-    cast = _follow_hidden_dtype(hidden, cfg.backend, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
-                                teacher_weight=teacher_weight, teacher_bias=teacher_bias)
-    weight, bias, teacher_bias = cast["weight"], cast["bias"], cast["teacher_bias"]
-    teacher_hidden, teacher_weight = cast["teacher_hidden"], cast["teacher_weight"]
     acc = accum_dtype(hidden.dtype)
     mask = (loss_mask != 0).to(acc)
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if cfg.grad_in_forward and wants_grad and resolve_backend(cfg.backend, hidden.device) in ("torch", "triton"):
+        # the row ops cast a weight of another dtype for their GEMMs themselves and return its
+        # gradient in its own dtype, accumulated in fp32 (an fp32 lm_head gets an unrounded dW)
         weights = terms.token_weights(mask, segment_ids, normalizer, cfg)
         loss, logp, ent, div = rowwise_sdar_loss(
             hidden, weight, bias, targets, loss_mask, weights, advantages, old_logprobs, teacher_logprobs,
@@ -169,6 +168,10 @@ def fused_linear_sdar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
     spec = StatsSpec(temperature=cfg.temperature, with_entropy=True,
                      divergence=cfg.divergence if full_div else "none", jsd_beta=cfg.jsd_beta,
                      token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk)
+    cast = _follow_hidden_dtype(hidden, cfg.backend, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
+                                teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+    weight, bias, teacher_bias = cast["weight"], cast["bias"], cast["teacher_bias"]
+    teacher_hidden, teacher_weight = cast["teacher_hidden"], cast["teacher_weight"]
     st = linear_stats(hidden, weight, targets, spec, bias=bias, mask=loss_mask,
                       teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                       teacher_bias=teacher_bias, backend=cfg.backend, check_inputs=False)

@@ -136,15 +136,17 @@ class TorchRows:
         self.gemm16 = hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
         self.dtype = hidden.dtype
         # once, not per chunk (a no-op for fp32 weights; none for 16-bit GPU GEMMs)
-        self.w = weight.detach() if self.gemm16 else weight.to(self.acc)
+        self.w = weight.detach().to(self.dtype) if self.gemm16 else weight.to(self.acc)
         self.bias, self.cfg = bias, cfg
         self.t_weight, self.t_bias = data["teacher_weight"], data["teacher_bias"]
+        if self.gemm16 and self.t_weight is not None:
+            self.t_weight = self.t_weight.to(self.dtype)
 
     def rows_per_chunk(self, n: int, v: int) -> int:
         return row_chunk(n, v, self.cfg)
 
     def operand(self, rows: Tensor) -> Tensor:
-        return rows if self.gemm16 else rows.to(self.acc)
+        return rows.to(self.dtype) if self.gemm16 else rows.to(self.acc)
 
     def logits(self, h: Tensor, teacher: bool) -> Tensor:
         w, b = (self.t_weight, self.t_bias) if teacher else (self.w, self.bias)

@@ -15,9 +15,10 @@ import torch
 import triton
 from torch import Tensor
 
+from ..gemm import addmm_f32_
 from ..stats import Stats, StatsSpec
 from .backward_kernels import dlogits_kernel
-from .configs import choose_config, device_arch, interpreting, kernel_variant
+from .configs import choose_config, device_arch, kernel_variant
 from .forward import DIV_CODES, kernel_flags, launch_kwargs
 
 # Upper bound on the dL/dz scratch (bytes); env SDAR_TRITON_SCRATCH_MB overrides.
@@ -29,17 +30,6 @@ def chunk_width(n_tokens: int, vocab: int, elem_bytes: int, block_v: int) -> int
     fit = SCRATCH_BYTES // max(1, n_tokens * elem_bytes)
     width = max(block_v, fit // block_v * block_v)
     return min(width, triton.cdiv(vocab, block_v) * block_v)
-
-
-def _accumulate_dh(acc: Tensor, dz: Tensor, w_chunk: Tensor) -> None:
-    """acc (fp32) += dz @ w_chunk, in one fp32-output GEMM where torch offers it (CUDA)."""
-    if acc.is_cuda and dz.dtype != torch.float32:
-        try:
-            torch.addmm(acc, dz, w_chunk, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError):
-            pass
-    acc += torch.mm(dz, w_chunk).float()
 
 
 def _scratch(numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -77,10 +67,7 @@ def stats_backward_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
                         arch=device_arch(hidden.device), variant=variant)
     width = chunk_width(n, vocab, hidden.element_size(), cfg.block_v)
     n_tok = triton.cdiv(n, cfg.block_n)
-    # The interpreter casts fp32 -> bf16 by truncation where a GPU rounds to nearest even: there
-    # the kernel stores fp32 and torch rounds, so tests see the GPU's dL/dz bit for bit.
-    store_dtype = torch.float32 if interpreting() else hidden.dtype
-    scratch = _scratch(n * width, hidden.device, store_dtype)
+    scratch = _scratch(n * width, hidden.device, hidden.dtype)
     dbp = _scratch(n_tok * width, hidden.device, torch.float32) if need_bias else scratch
     single = width >= vocab  # one chunk: dL/dh is one GEMM over all of V, no fp32 buffer
     dh = torch.zeros((n, h), device=hidden.device, dtype=torch.float32) if need_hidden and not single else None
@@ -109,11 +96,10 @@ def stats_backward_triton(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
                 HAS_GE=g_entropy is not None, HAS_GD=bool(div), DIV=div, HAS_BIAS=bias is not None,
                 HAS_TBIAS=t_bias is not None and bool(div), WRITE_DB=need_bias,
                 **kernel_flags(hidden, th.shape[1], cfg), **launch_kwargs(cfg))
-        dz = dz.to(hidden.dtype)
         if need_hidden and single:
             dh = torch.mm(dz, weight)
         elif need_hidden:
-            _accumulate_dh(dh, dz, weight[v0:v1])
+            addmm_f32_(dh, dz, weight[v0:v1])
         if need_weight:
             torch.mm(dz.t(), hidden, out=dw[v0:v1])
         if need_bias:

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .forward_kernels import jsd_terms
-from .tiles import NEG_BIG, grouped_tile, logit_tile
+from .tiles import NEG_BIG, grouped_tile, logit_tile, to_store_dtype
 
 
 @triton.jit
@@ -78,6 +78,6 @@ def dlogits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr,
         dz = tl.where(row_ok[:, None] & col_ok[None, :], dz * inv_tau, 0.0)
     local = cols - v_lo
     ptrs = dz_ptr + rows[:, None].to(tl.int64) * ld_dz + local[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(ptrs, to_store_dtype(dz, dz_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & col_ok[None, :])
     if WRITE_DB:
         tl.store(dbp_ptr + pid_n * ld_dz + local, tl.sum(dz, 0), mask=col_ok)

@@ -144,7 +144,7 @@ def _row_variants(full: bool) -> list[Variant]:
             continue
         cfg = row_config(ROW_VOCAB, div > 0)
         flags = dict(BV=cfg.block_v, HAS_BIAS=bias, HAS_TBIAS=bias and div > 0, HAS_GL=gl, HAS_GE=ge,
-                     HAS_GD=div > 0, DIV=div, ALIASED=True, BF16_BY_HAND=False)
+                     HAS_GD=div > 0, DIV=div, ALIASED=True, INTERPRETED=False)
         out.append(Variant("row_dz", row_dlogits_kernel, tuple(sorted(flags.items())), cfg, has_dot=False))
     return out
 

@@ -134,7 +134,8 @@ def _launch_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     vps, n_splits = split_layout(n, vocab, cfg, hidden.device)
     n_planes = 2 if div == JSD_PASS2 else N_STATS
     part = torch.empty((n_planes, n, n_splits), device=hidden.device, dtype=torch.float32)
-    z_y = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    # NaN until the split holding y writes it (an out-of-range target: NaN, never leftover memory)
+    z_y = torch.full((n,), float("nan"), device=hidden.device, dtype=torch.float32)
     (h_src, w_src, th_src, tw_src), flags = _sources(hidden, weight, th, tw, cfg, grouped=True)
     n_progs = n_persistent_programs(hidden.device, triton.cdiv(n, cfg.block_n) * n_splits)
     stats_fwd_hopper_kernel[(n_progs,)](

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .forward_kernels import _rescaled_update, jsd_terms
-from .tiles import NEG_BIG, grouped_coords
+from .tiles import NEG_BIG, grouped_coords, to_store_dtype
 
 JSD_PASS2 = 4  # forward mode code of the second JSD pass
 
@@ -330,10 +330,10 @@ def _dlogits(z, zt, cols, col_ok, rows, row_ok, y_ptr, lse_ptr, ent_ptr, tlse_pt
 
 @triton.jit
 def _store_dz(dz_ptr, dbp_ptr, dz, rows, row_ok, cols, col_ok, pid_n, v_lo, ld_dz,
-              WRITE_DB: tl.constexpr):
+              WRITE_DB: tl.constexpr, UPCAST: tl.constexpr):
     local = cols - v_lo
     ptrs = dz_ptr + rows[:, None].to(tl.int64) * ld_dz + local[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(ptrs, to_store_dtype(dz, dz_ptr.dtype.element_ty, UPCAST), mask=row_ok[:, None] & col_ok[None, :])
     if WRITE_DB:
         tl.store(dbp_ptr + pid_n * ld_dz + local, tl.sum(dz, 0), mask=col_ok)
 
@@ -343,7 +343,8 @@ def _bwd_epilogue(acc, acc_t, b_ptr, tb_ptr, y_ptr, lse_ptr, ent_ptr, tlse_ptr, 
                   ge_ptr, gd_ptr, dz_ptr, dbp_ptr, pid_n, c0, N, v_lo, v_hi, ld_dz, inv_tau, beta,
                   BN: tl.constexpr, BV: tl.constexpr, HAS_GL: tl.constexpr, HAS_GE: tl.constexpr,
                   HAS_GD: tl.constexpr, DIV: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_TBIAS: tl.constexpr, WRITE_DB: tl.constexpr, TEACHER: tl.constexpr):
+                  HAS_TBIAS: tl.constexpr, WRITE_DB: tl.constexpr, TEACHER: tl.constexpr,
+                  UPCAST: tl.constexpr):
     rows = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < N
     cols = c0 + tl.arange(0, BV)
@@ -354,7 +355,7 @@ def _bwd_epilogue(acc, acc_t, b_ptr, tb_ptr, y_ptr, lse_ptr, ent_ptr, tlse_ptr, 
         zt = _logits(acc_t, tb_ptr, cols, v_hi, inv_tau, HAS_TBIAS)
     dz = _dlogits(z, zt, cols, col_ok, rows, row_ok, y_ptr, lse_ptr, ent_ptr, tlse_ptr, aux_ptr,
                   gl_ptr, ge_ptr, gd_ptr, inv_tau, beta, HAS_GL, HAS_GE, HAS_GD, DIV)
-    _store_dz(dz_ptr, dbp_ptr, dz, rows, row_ok, cols, col_ok, pid_n, v_lo, ld_dz, WRITE_DB)
+    _store_dz(dz_ptr, dbp_ptr, dz, rows, row_ok, cols, col_ok, pid_n, v_lo, ld_dz, WRITE_DB, UPCAST)
 
 
 @triton.jit
@@ -405,7 +406,7 @@ def dlogits_hopper_kernel(h_src, w_src, th_src, tw_src, b_ptr, tb_ptr, y_ptr,
             _bwd_epilogue(acc, acc_t, b_ptr, tb_ptr, y_ptr, lse_ptr, ent_ptr, tlse_ptr, aux_ptr,
                           gl_ptr, ge_ptr, gd_ptr, dz_ptr, dbp_ptr, pid_n, c0, N, v_lo, v_hi, ld_dz,
                           inv_tau, beta, BN, BV, HAS_GL, HAS_GE, HAS_GD, DIV, HAS_BIAS, HAS_TBIAS,
-                          WRITE_DB, TEACHER)
+                          WRITE_DB, TEACHER, UPCAST)
     else:
         ks = tl.cdiv(H, BK)
         step = ks - 1
@@ -421,7 +422,7 @@ def dlogits_hopper_kernel(h_src, w_src, th_src, tw_src, b_ptr, tb_ptr, y_ptr,
                 _bwd_epilogue(acc, acc, b_ptr, tb_ptr, y_ptr, lse_ptr, ent_ptr, tlse_ptr, aux_ptr,
                               gl_ptr, ge_ptr, gd_ptr, dz_ptr, dbp_ptr, pid_n, c0, N, v_lo, v_hi,
                               ld_dz, inv_tau, beta, BN, BV, HAS_GL, HAS_GE, HAS_GD, DIV, HAS_BIAS,
-                              HAS_TBIAS, WRITE_DB, TEACHER)
+                              HAS_TBIAS, WRITE_DB, TEACHER, UPCAST)
                 acc = tl.zeros((BN, BV), tl.float32)
     # Dropped tiles: dL/dz is zero (or, with block skipping, below the bound): store zeros.
     for i in range(n_active + pid, n_tiles, n_progs):
@@ -429,4 +430,4 @@ def dlogits_hopper_kernel(h_src, w_src, th_src, tw_src, b_ptr, tb_ptr, y_ptr,
         rows = pid_n * BN + tl.arange(0, BN)
         cols = c0 + tl.arange(0, BV)
         _store_dz(dz_ptr, dbp_ptr, tl.zeros((BN, BV), tl.float32), rows, rows < N, cols,
-                  cols < v_hi, pid_n, v_lo, ld_dz, WRITE_DB)
+                  cols < v_hi, pid_n, v_lo, ld_dz, WRITE_DB, UPCAST)

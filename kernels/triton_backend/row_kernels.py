@@ -81,8 +81,10 @@ def row_stats_kernel(z_ptr, zt_ptr, b_ptr, tb_ptr, y_ptr, out_ptr,
                 acc = ct * (acc + ((mt_old - mt) - (m_old - m)) * st_old) + tl.sum(et * (dt - d), 1)
     log_s = tl.log(s)
     y = tl.load(y_ptr + row)
-    y_ok = (y >= 0) & (y < V)  # never read outside the row (targets are validated on the host)
-    z_y = tl.load(z_ptr + row.to(tl.int64) * ld_z + y, mask=y_ok, other=0.0)
+    # never read outside the row; a target outside [0, V) (only possible with the host checks
+    # off) gives a NaN log-prob, not a plausible number
+    y_ok = (y >= 0) & (y < V)
+    z_y = tl.load(z_ptr + row.to(tl.int64) * ld_z + y, mask=y_ok, other=float("nan"))
     if HAS_BIAS:
         z_y = z_y + tl.load(b_ptr + y, mask=y_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + R_LOGP * n_rows + row, (z_y * inv_tau - m) - log_s)
@@ -119,7 +121,7 @@ def row_dlogits_kernel(z_ptr, zt_ptr, b_ptr, tb_ptr, y_ptr, st_ptr, gl_ptr, ge_p
                        V, ld_z, ld_dz, n_rows, inv_tau, beta,
                        BV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TBIAS: tl.constexpr,
                        HAS_GL: tl.constexpr, HAS_GE: tl.constexpr, HAS_GD: tl.constexpr,
-                       DIV: tl.constexpr, ALIASED: tl.constexpr, BF16_BY_HAND: tl.constexpr = False):
+                       DIV: tl.constexpr, ALIASED: tl.constexpr, INTERPRETED: tl.constexpr = False):
     row = tl.program_id(0) + tl.arange(0, 1)
     z_row = z_ptr + row[:, None].to(tl.int64) * ld_z
     zt_row = zt_ptr + row[:, None].to(tl.int64) * ld_z
@@ -158,7 +160,7 @@ def row_dlogits_kernel(z_ptr, zt_ptr, b_ptr, tb_ptr, y_ptr, st_ptr, gl_ptr, ge_p
                     dz += (g_d * (1.0 - beta))[:, None] * p * (lp - log_m - aux[:, None])
             if ALIASED:
                 tl.debug_barrier()  # every warp has read this block before any warp overwrites it
-            tl.store(dz_row + cols, to_store_dtype(dz * inv_tau, dz_ptr.dtype.element_ty, BF16_BY_HAND),
+            tl.store(dz_row + cols, to_store_dtype(dz * inv_tau, dz_ptr.dtype.element_ty, INTERPRETED),
                      mask=ok)
     else:  # no gradient reaches this row: zeros, without reading the logits
         for v0 in range(0, V, BV):

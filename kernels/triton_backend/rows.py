@@ -85,6 +85,11 @@ class TritonRows:
                  teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
                  teacher_bias: Optional[Tensor], cfg: LossConfig):
         div = cfg.divergence if teacher_hidden is not None else "none"
+        # GEMM operands in hidden's dtype (an lm_head of another dtype is cast once per call; its
+        # gradient still accumulates in fp32 and returns in its own dtype)
+        weight = weight.detach().to(hidden.dtype)
+        if teacher_hidden is not None:
+            teacher_hidden, teacher_weight = teacher_hidden.to(hidden.dtype), teacher_weight.to(hidden.dtype)
         check_inputs(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias,
                      StatsSpec(temperature=cfg.temperature, divergence=div, jsd_beta=cfg.jsd_beta))
         self.dtype = hidden.dtype
@@ -98,7 +103,7 @@ class TritonRows:
         return chunk_rows(n, v, self.div != 0)
 
     def operand(self, rows: Tensor) -> Tensor:
-        return rows  # the GEMMs take the input dtype; mm_f32 accumulates in fp32
+        return rows.to(self.dtype)  # the GEMMs take hidden's dtype (a no-op for it); mm_f32 accumulates in fp32
 
     def logits(self, h: Tensor, teacher: bool) -> Tensor:
         """fp32 [C, V] h W^T (no bias, no temperature: the row kernels apply them)."""
@@ -153,7 +158,7 @@ def launch_dlogits(z: Tensor, zt: Optional[Tensor], bias: Optional[Tensor], t_bi
             BV=config.block_v, HAS_BIAS=bias is not None, HAS_TBIAS=t_bias is not None,
             HAS_GL=grads[0] is not None, HAS_GE=grads[1] is not None,
             HAS_GD=grads[2] is not None and div != 0, DIV=div, ALIASED=aliased,
-            BF16_BY_HAND=interpreting() and dz.dtype == torch.bfloat16, **config.launch())
+            INTERPRETED=interpreting(), **config.launch())
 
 
 def _or(t: Optional[Tensor], default: Tensor) -> Tensor:

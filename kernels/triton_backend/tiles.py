@@ -73,14 +73,14 @@ def grouped_coords(tile_id, n_rows_tiles, n_cols, GROUP_N: tl.constexpr):
 
 
 @triton.jit
-def to_store_dtype(x, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+def to_store_dtype(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     """fp32 x cast to `dtype` with round-to-nearest-even, as a GPU's cast does.
 
-    BF16_BY_HAND (interpreter only): Triton's interpreter casts fp32 -> bf16 by truncation, so
-    tests would see different dL/dz bits than a GPU; this rounds the bits by hand instead
-    (add 0x7FFF plus the lowest kept bit, then drop the low half: round half to even).
+    INTERPRETED (set only under TRITON_INTERPRET=1): Triton's interpreter casts fp32 -> bf16 by
+    truncation, so tests would see other dL/dz bits than a GPU; bf16 is then rounded by hand
+    (add 0x7FFF plus the lowest kept bit, drop the low half: round half to even).
     """
-    if BF16_BY_HAND:
+    if INTERPRETED and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)

@@ -94,6 +94,39 @@ def test_non_finite_weight_or_normalizer(backend: str) -> None:
         fused_linear_logprobs(torch.full((3, 16), float("nan")), a["weight"], a["targets"][:3], backend=backend)
 
 
+def test_inputs_the_config_does_not_read_are_not_checked() -> None:
+    """NaN teacher log-probs under GRPO (no teacher term) and NaN ref log-probs with kl_coef=0."""
+    a = _args()
+    with torch.no_grad():
+        a["teacher_logprobs"].fill_(float("nan"))
+        a["ref_logprobs"].fill_(float("nan"))
+    out = fused_linear_sdar_loss(**a, config=LossConfig.preset("grpo", backend="torch", kl_coef=0.0))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match=r"normalizer=inf is not finite"):
+        fused_linear_sdar_loss(**a, normalizer=float("inf"), config=LossConfig.preset("grpo", kl_coef=0.0))
+
+
+@pytest.mark.parametrize("path", ["torch-rows", "torch-tiles", "triton-recompute", "triton-3pass", "triton-hopper"])
+def test_out_of_range_target_without_checks_gives_nan_not_garbage(monkeypatch, path: str) -> None:
+    """check_inputs=False and a target id outside [0, V): that token's log-prob is NaN (never a
+    number read from leftover memory or a wrong column); the torch row path's gather raises."""
+    a = _args(n=40, h=32, v=123)
+    i = _first(a["loss_mask"], True)
+    a["targets"][i] = 123
+    if path == "triton-hopper":
+        monkeypatch.setenv("SDAR_TRITON_VARIANT", "hopper")
+    backend = path.split("-")[0]
+    cfg = LossConfig.preset("sdar", backend=backend, check_inputs=False,
+                            grad_in_forward=path in ("torch-rows", "triton-3pass"))
+    if path == "torch-rows":
+        with pytest.raises(RuntimeError, match="index"):
+            fused_linear_sdar_loss(**a, config=cfg)
+        return
+    out = fused_linear_sdar_loss(**a, config=cfg)
+    assert torch.isnan(out.logprobs[i])
+    assert torch.isfinite(out.logprobs[torch.arange(40) != i]).all()
+
+
 def test_check_inputs_false_skips_the_checks() -> None:
     a = _args()
     with torch.no_grad():
@@ -104,8 +137,10 @@ def test_check_inputs_false_skips_the_checks() -> None:
 
 @pytest.mark.parametrize("grad_in_forward", [True, False])
 def test_bf16_hidden_with_fp32_lm_head_outside_autocast_on_triton(grad_in_forward: bool) -> None:
-    """The Triton path casts the fp32 weight to hidden's dtype (differentiably): it runs, equals
-    a hand cast, and the fp32 weight gets an fp32 gradient."""
+    """The Triton paths run an fp32 lm_head next to bf16 hidden states: the same loss and dL/dh
+    as a hand cast of the weight, and an fp32 gradient for it. The 3-pass path (grad in forward)
+    returns the fp32-accumulated dL/dW unrounded; the per-token op rounds it through bf16, as
+    autocast would."""
     a = _args(n=40, h=32, v=123)
     hidden = a.pop("hidden").detach().bfloat16()
     w32 = a.pop("weight").clone().requires_grad_(True)
@@ -119,4 +154,9 @@ def test_bf16_hidden_with_fp32_lm_head_outside_autocast_on_triton(grad_in_forwar
     ref = fused_linear_sdar_loss(h2, w16, **a, config=cfg)
     ref.loss.backward()
     assert torch.equal(out.loss, ref.loss)
-    assert torch.equal(h1.grad, h2.grad) and torch.equal(w32.grad, w16.grad.float())
+    assert torch.equal(h1.grad, h2.grad)
+    if grad_in_forward:
+        assert not torch.equal(w32.grad, w32.grad.bfloat16().float()), "dL/dW was rounded to bf16"
+        assert torch.equal(w32.grad.bfloat16(), w16.grad)
+    else:
+        assert torch.equal(w32.grad, w16.grad.float())

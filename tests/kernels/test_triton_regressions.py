@@ -64,6 +64,7 @@ class _PoisonedTorch(types.SimpleNamespace):
             return gemm
 
         self.empty = empty
+        self.checked = checked
         self.mm, self.addmm = checked(torch.mm), checked(torch.addmm)
 
 
@@ -72,48 +73,29 @@ def poisoned(monkeypatch):
     tb = _backend()
     fake = _PoisonedTorch()
     monkeypatch.setattr(tb.backward, "torch", fake)
+    monkeypatch.setattr(tb.backward, "addmm_f32_", fake.checked(tb.backward.addmm_f32_))
     return fake
 
 
-@pytest.mark.parametrize("h", [64, 96, 128])
-@pytest.mark.parametrize("div", ["forward_kl", "jsd"])
-def test_backward_gemms_never_reach_stale_memory(poisoned, h: int, div: str) -> None:
-    """The two CI failures (bf16, N=77, V=1001, H=64/128) and H=96, with poisoned allocations."""
-    check_case(Case(BF16, 77, 1001, h, div, div == "jsd", True, 1.0 if h != 64 else 2.0, beta=0.3),
+POISON_CASES = [(BF16, h, div) for h in (64, 96, 128) for div in ("forward_kl", "jsd")] + [
+    (dtype, 96, div) for dtype in (torch.float16, F32) for div in ("forward_kl", "jsd")]
+
+
+@pytest.mark.parametrize("dtype,h,div", POISON_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_backward_gemms_never_reach_stale_memory(poisoned, h: int, div: str, dtype) -> None:
+    """The two CI failures (bf16, N=77, V=1001, H=64/128) and H=96, with poisoned allocations, in
+    every input dtype (the GEMMs read views of the dL/dz scratch in each)."""
+    check_case(Case(dtype, 77, 1001, h, div, div == "jsd", True, 1.0 if h != 64 else 2.0, beta=0.3),
                seed=1000 + h)
     assert poisoned.gemms >= 2
 
 
-def test_backward_over_several_chunks_with_poisoned_scratch(poisoned, monkeypatch) -> None:
-    """The last vocab chunk is narrower than the scratch: its view must still be contiguous."""
+def test_backward_over_several_chunks_with_poisoned_allocations(poisoned, monkeypatch) -> None:
+    """Three vocab chunks, the last one narrower than the scratch: every view stays clean."""
     tb = _backend()
-    monkeypatch.setattr(tb.backward, "SCRATCH_BYTES", 77 * 2 * 384)
-    check_case(Case(BF16, 77, 1001, 64, "reverse_kl", True, True, 1.0), seed=7)
+    monkeypatch.setattr(tb.backward, "SCRATCH_BYTES", 77 * 4 * 384)
+    check_case(Case(F32, 77, 1001, 64, "reverse_kl", True, True, 1.0), seed=7)
     assert poisoned.gemms >= 6
-
-
-@pytest.mark.parametrize("beta", [0.0, 1.0])
-@pytest.mark.parametrize("dtype", [F32, BF16])
-def test_jsd_at_beta_ends_with_far_apart_logits_equals_torch_backend(dtype, beta: float) -> None:
-    """Logits ~150 in scale: student and teacher log-probs differ by ~300 nats on many tokens."""
-    from sdar_kernels import chunked
-    c = Case(dtype, 37, 123, 31, "jsd", True, True, 1.0, beta=beta, scale=150.0)
-    x = make_inputs(c, seed=11)
-    gap = (x.t_hidden.double() @ x.t_weight.double().T).amax(1) - (x.hidden.double() @ x.weight.double().T).amax(1)
-    spec = StatsSpec(with_entropy=True, divergence="jsd", jsd_beta=beta)
-    got = run_triton(x, spec)
-    st = chunked.stats_forward(x.hidden, x.weight, x.bias, x.targets, x.t_hidden, x.t_weight, x.t_bias, spec)
-    ref_grads = chunked.stats_backward(x.hidden, x.weight, x.bias, x.targets, x.t_hidden, x.t_weight,
-                                       x.t_bias, spec, st, *x.grads, True, True, True)
-    for k in ("logp", "entropy", "div", "dh", "dw", "db"):
-        assert torch.isfinite(got[k]).all(), f"{k} not finite at beta={beta}"
-    assert torch.equal(got["div"], torch.zeros_like(got["div"])) and torch.equal(st.div, torch.zeros_like(st.div))
-    for k, ref in zip(("dh", "dw", "db"), ref_grads):
-        scale = ref.float().abs().max().clamp_min(1e-30)
-        tol = 1e-5 if dtype == F32 else 1e-2
-        assert ((got[k].float() - ref.float()).abs().max() / scale) <= tol, k
-    assert gap.abs().max() > 100  # the case really is far apart
-    check_case(c, seed=11)  # and both equal the float64 oracle
 
 
 def _exact_dlogits(x, spec: StatsSpec) -> torch.Tensor:
@@ -123,25 +105,43 @@ def _exact_dlogits(x, spec: StatsSpec) -> torch.Tensor:
     lp = torch.log_softmax(raw / spec.temperature, -1)
     p = lp.exp()
     terms = {"logp": lp.gather(1, x.targets[:, None])[:, 0], "entropy": -(p * lp).sum(-1)}
-    if spec.divergence == "reverse_kl":
+    if spec.divergence != "none":
         zt = x.t_hidden.double() @ x.t_weight.double().T + (x.t_bias.double() if x.t_bias is not None else 0)
-        terms["div"] = (p * (lp - torch.log_softmax(zt / spec.temperature, -1))).sum(-1)
+        lq = torch.log_softmax(zt / spec.temperature, -1)
+        if spec.divergence == "reverse_kl":
+            terms["div"] = (p * (lp - lq)).sum(-1)
+        elif spec.divergence == "forward_kl":
+            terms["div"] = (lq.exp() * (lq - lp)).sum(-1)
+        else:
+            b = spec.jsd_beta
+            lm = torch.logaddexp(lq + torch.tensor(b).log(), lp + torch.tensor(1 - b).log())
+            terms["div"] = b * (lq.exp() * (lq - lm)).sum(-1) + (1 - b) * (p * (lp - lm)).sum(-1)
     loss = sum((g.double() * terms[k]).sum() for g, k in zip(x.grads, ("logp", "entropy", "div")) if g is not None)
     return torch.autograd.grad(loss, raw)[0]
 
 
-@pytest.mark.parametrize("dtype", [BF16, torch.float16])
-@pytest.mark.parametrize("div", ["none", "reverse_kl"])
-def test_16bit_dlogits_are_the_rounded_exact_dlogits(poisoned, dtype, div: str) -> None:
-    c = Case(dtype, 77, 1001, 64, div, True, True, 0.7)
+DLOGIT_CASES = [(BF16, div, variant) for div in ("none", "reverse_kl", "forward_kl", "jsd")
+                for variant in ("portable", "hopper")] + [(torch.float16, "reverse_kl", "portable"),
+                                                          (torch.float16, "none", "hopper")]
+
+
+@pytest.mark.parametrize("dtype,div,variant", DLOGIT_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_16bit_dlogits_are_the_rounded_exact_dlogits(poisoned, monkeypatch, dtype, div: str, variant: str) -> None:
+    """Both kernel variants hand the GEMMs dL/dz rounded once, to nearest, from its exact value."""
+    monkeypatch.setenv("SDAR_TRITON_VARIANT", variant)
+    c = Case(dtype, 45, 1001, 64, div, True, True, 0.7, beta=0.3)
     x = make_inputs(c, seed=5)
-    spec = StatsSpec(temperature=0.7, with_entropy=True, divergence=div)
+    spec = StatsSpec(temperature=0.7, with_entropy=True, divergence=div, jsd_beta=0.3)
     run_triton(x, spec)
     dz = poisoned.operands[0][0]  # the first GEMM is dL/dh = dz @ W (one vocab chunk)
     want = _exact_dlogits(x, spec).to(dtype)
     assert dz.shape == want.shape and dz.dtype == dtype
     differ = dz != want
-    # fp32 vs float64 before the one rounding: a few elements sit on a rounding boundary (1 ulp)
+    # fp32 vs float64 before the one rounding: a few elements sit on a rounding boundary (1 ulp),
+    # and differences of like terms (forward KL's p - q) carry fp32 noise of the terms' size
     assert differ.double().mean() <= 0.01, f"{differ.double().mean():.3%} of dL/dz differ"
-    ulp = torch.finfo(dtype).eps * want.double().abs().clamp_min(torch.finfo(dtype).tiny)
-    assert ((dz.double() - want.double()).abs() <= ulp * 1.01).all(), "a dL/dz element is off by > 1 ulp"
+    exact = want.double().abs()
+    ulp = torch.finfo(dtype).eps * exact.clamp_min(torch.finfo(dtype).tiny)
+    fp32_noise = 1e-6 * exact.amax(1, keepdim=True)
+    err = (dz.double() - want.double()).abs()
+    assert (err <= ulp * 1.01 + fp32_noise).all(), f"a dL/dz element is off by > 1 ulp: {(err - ulp).max():.3g}"

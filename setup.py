@@ -30,13 +30,17 @@ setup(
     package_dir={"sdar_kernels": "kernels", "sdar_envs": "envs"},
     package_data={"sdar_envs": ["skill_banks/*.json", "**/*.json", "**/*.txt"], "sdar_engine": ["configs/*.yaml"]},
     include_package_data=True,
-    # torch is not pinned here: pin it when you install (the Makefile uses torch==2.13.0, CPU).
-    install_requires=["torch>=2.4", "numpy", "transformers>=4.56", "tokenizers", "safetensors", "pyyaml", "tqdm"],
+    # torch is not pinned here: pin it when you install (the Makefile uses torch==2.13.0, CPU);
+    # >= 2.6 for the public FSDP2 API (torch.distributed.fsdp.fully_shard) the trainer uses.
+    install_requires=["torch>=2.6", "numpy", "transformers>=4.56", "tokenizers", "safetensors", "pyyaml", "tqdm"],
     extras_require={
-        "gpu": ["flash-attn", "triton"],
-        "bench": ["liger-kernel", "matplotlib", "pytest-benchmark"],
+        # one Triton version everywhere (requirements/triton.txt): kernels and compile report match it
+        "gpu": ["flash-attn"] + _requirements("triton"),
+        "bench": _requirements("bench"),
         "envs": list(dict.fromkeys(_requirements("envs_core") + _requirements("webshop") + _requirements("alfworld"))),
-        "dev": ["pytest", "hypothesis", "pytest-benchmark", "matplotlib", "triton"],
+        # rollout.backend: vllm (CUDA only; brings its own torch build). = sdar_engine.vllm_backend.VLLM_PIN
+        "vllm": ["vllm==0.32.0"],
+        "dev": ["pytest", "hypothesis", "pytest-benchmark", "matplotlib"] + _requirements("triton"),
     },
     entry_points={"console_scripts": ["sdar=sdar_engine.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],

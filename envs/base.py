@@ -13,7 +13,7 @@ from .memory import Memory
 from .projection import project
 from .prompts import (PROMPT_STYLES, THINK_STYLES, check_style, render_prompt, render_teacher_prompt,
                       to_raw_action)
-from .skills import SkillBank, load_skill_bank
+from .skills import RETRIEVALS, SkillBank, load_skill_bank
 from .workers import GameMeta, make_runner
 
 
@@ -58,7 +58,6 @@ class Suite(Protocol):
 
 
 SPLITS = ("train", "test")
-RETRIEVALS = ("keyword", "full", "random", "ucb")
 
 
 class BatchEnv:
@@ -197,13 +196,33 @@ class BatchEnv:
     # ------------------------------------------------------------------ prompts
     def prompt(self, i: int) -> str:
         """The student prompt of env ``i``: task, recent history, observation, actions."""
+        return self.prompt_candidates(i)[0]
+
+    def prompt_candidates(self, i: int) -> list[str]:
+        """Env ``i``'s student prompt with fewer and fewer history records, longest first.
+
+        Candidate j shows the last ``k - j`` records (k = min(history_length, steps taken))
+        down to none; Search-QA keeps at least the latest record, whose search result is its
+        current observation. Task, current observation and admissible actions are in every
+        candidate, so a token cap picks the first that fits: history goes, the head and the
+        current step stay.
+        """
         self._check_index(i)
         meta = self._metas[i]
-        return render_prompt(self.name, meta.task_text, self._memories[i], self._obs[i],
-                             self._infos[i]["admissible_actions"], self.history_length, self.prompt_style)
+        return [render_prompt(self.name, meta.task_text, self._memories[i], self._obs[i],
+                              self._infos[i]["admissible_actions"], k, self.prompt_style)
+                for k in self._history_lengths(i)]
 
     def teacher_prompt(self, i: int, retrieval: str = "keyword") -> str:
         """Privileged-skills header (skills retrieved for env ``i``'s task) + student prompt."""
+        return self.teacher_prompt_candidates(i, retrieval)[0]
+
+    def teacher_prompt_candidates(self, i: int, retrieval: str = "keyword") -> list[str]:
+        """``prompt_candidates(i)``, each behind the same privileged-skills header.
+
+        Skills are retrieved once per call (a "random" or "ucb" draw is not repeated per
+        candidate), so every candidate keeps every skill line.
+        """
         self._check_index(i)
         if retrieval not in RETRIEVALS:
             raise ValueError(f"retrieval={retrieval!r} is not valid; use one of {RETRIEVALS}")
@@ -211,7 +230,13 @@ class BatchEnv:
         skills = self.skills.retrieve(meta.task_type, meta.task_text, retrieval, self.skill_top_k)
         shown = self._shown_skills[i]
         shown.extend(s.id for s in skills if s.id not in shown)
-        return render_teacher_prompt(skills, self.prompt(i))
+        return [render_teacher_prompt(skills, p) for p in self.prompt_candidates(i)]
+
+    def _history_lengths(self, i: int) -> list[int]:
+        """History records shown by each prompt candidate of env ``i``, most first."""
+        most = min(self.history_length, len(self._memories[i]))
+        least = min(most, 1) if self.style == "search" else 0
+        return list(range(most, least - 1, -1))
 
     def report_outcomes(self, successes: list[bool]) -> None:
         """UCB update at episode end: each skill shown to env i is credited with successes[i]."""

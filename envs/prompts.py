@@ -6,6 +6,9 @@ current observation + admissible actions + format instruction, as verl-agent wri
 Style "compact" = task + last k actions + current observation + admissible actions, no
 boilerplate: about half the tokens, for small models trained from scratch on a CPU budget.
 Teacher prompt = "## Privileged skills (teacher only)" header with retrieved skills + student prompt.
+Under a token cap nothing here is cut: ``BatchEnv.prompt_candidates`` renders the prompt with
+fewer and fewer history records and the engine takes the longest that fits, so the skills, the
+task and the current observation always survive (``sdar_engine/prompt_fit.py``).
 """
 from __future__ import annotations
 

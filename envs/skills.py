@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BANK_DIR = Path(__file__).resolve().parent / "skill_banks"
-METHODS = ("keyword", "full", "random", "ucb")
+RETRIEVALS = ("keyword", "full", "random", "ucb")  # the one definition: engine config and teacher import it
 _FIELDS = ("id", "title", "text", "keywords", "task_types")
 
 
@@ -81,8 +81,8 @@ class SkillBank:
     def retrieve(self, task_type: str, task_text: str, method: str = "keyword",
                  k: int = 3) -> list[Skill]:
         """Skills for one task; ``k`` bounds every method except "full"."""
-        if method not in METHODS:
-            raise ValueError(f"retrieval method={method!r} is not valid; use one of {METHODS}")
+        if method not in RETRIEVALS:
+            raise ValueError(f"retrieval method={method!r} is not valid; use one of {RETRIEVALS}")
         if method == "full":
             return list(self.skills)
         if method == "random":

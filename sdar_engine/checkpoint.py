@@ -5,7 +5,9 @@ Layout: ``<run_dir>/checkpoints/step_00000012/`` holding model.safetensors and c
 optimizer.pt, trainer_state.pt (step, scheduler), rng_rank<R>.pt and meta.json. Everything is
 written into ``.tmp-step_...`` first and renamed when complete, so a write that dies midway
 leaves the previous checkpoint as the latest loadable one. Works with FSDP2 (full state dicts
-gathered on rank 0; each rank keeps its own RNG file).
+gathered on rank 0; each rank keeps its own RNG file). The weights are the float32 master
+weights, the optimizer state is keyed by parameter name: a checkpoint written by K ranks loads
+on any number of ranks (a missing RNG file only warns; rollouts are seeded per episode anyway).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from .distributed import barrier, rank
+from .distributed import barrier, rank, world_size
 
 log = logging.getLogger("sdar_engine.checkpoint")
 
@@ -120,8 +122,8 @@ def save_checkpoint(run_dir: str, model: torch.nn.Module, optimizer: torch.optim
                    os.path.join(tmp, "trainer_state.pt"))
         _fsync_files(tmp)  # the data is on disk before the marker that says it is complete
         with open(os.path.join(tmp, META), "w") as f:  # written last: marks the dir complete
-            json.dump({"step": step, "config": config_dict, "tied": _tied_names(model)}, f, indent=1,
-                      default=str)
+            json.dump({"step": step, "config": config_dict, "tied": _tied_names(model),
+                       "world_size": world_size()}, f, indent=1, default=str)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)  # the folder's entries, the marker's included

@@ -5,6 +5,7 @@
     sdar eval  --config tiny_alfworld.yaml --set model.path=runs/x/model_warmstart
     sdar demo  [--compare] [--output DIR]
     sdar bench [args...]        (delegates to the benchmarks package)
+    torchrun --nproc_per_node=K $(which sdar) train --config ...   (K ranks, one run)
 
 Arguments are parsed before any env is built (the ALFWorld planner rewrites ``sys.argv``).
 """
@@ -51,33 +52,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str) -> None:
+    where = f"rank{os.environ.get('RANK', '0')} " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format=f"%(asctime)s {where}%(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """One run on this process, or on every rank of a torchrun job (rank 0 builds what is shared:
+    the run directory, the tiny model / warm start, the env's game cache first)."""
     from sdar_engine.config import load_config
     from sdar_engine.demo import prepare_policy
+    from sdar_engine.distributed import barrier, broadcast_object, cleanup, init_distributed
     from sdar_engine.trainer import Trainer, default_run_dir, make_env
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.output or cfg.train.output_dir or default_run_dir())
+    rank, world, _ = init_distributed(cfg.train.device)
+    run_dir = Path(broadcast_object(str(args.output or cfg.train.output_dir or default_run_dir())))
     if args.resume and not run_dir.is_dir():
         raise ValueError(f"--resume: run directory {str(run_dir)!r} does not exist; pass --output DIR")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = make_env(cfg, "train")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    env = make_env(cfg, "train") if rank == 0 else None
+    barrier()  # rank 0 built any game cache; the others read it
+    env = env if env is not None else make_env(cfg, "train")
     start = _built_start_model(run_dir) if args.resume else None
     if start is not None:  # resumed: the start model (ref-KL anchor) was built by the first run
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(start)))
     elif cfg.model.path is None or cfg.warmstart.enabled:
-        cfg = prepare_policy(cfg, run_dir, env)
+        cfg = broadcast_object(prepare_policy(cfg, run_dir, env) if rank == 0 else None)
     trainer = Trainer(cfg, run_dir, resume=args.resume, env=env)
     last = trainer.fit()
-    print(f"[sdar train] run dir {run_dir}: step {trainer.step} "
-          f"success {last.get('success', float('nan')):.3f} "
-          f"held-out {last.get('eval/success', float('nan')):.3f}", flush=True)
+    if rank == 0:
+        print(f"[sdar train] run dir {run_dir}: step {trainer.step} ranks {world} "
+              f"success {last.get('success', float('nan')):.3f} "
+              f"held-out {last.get('eval/success', float('nan')):.3f}", flush=True)
+    cleanup()
     return 0
 
 

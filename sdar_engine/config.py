@@ -15,19 +15,17 @@ from typing import Any, Optional
 
 import yaml
 
+from sdar_engine.distributed import DEVICES
 from sdar_engine.model import ModelConfig
 from sdar_engine.optim import OptimConfig
+from sdar_envs.prompts import PROMPT_STYLES, THINK_STYLES
+from sdar_envs.skills import RETRIEVALS
 
 METHODS = ("grpo", "sdar", "grpo_opsd", "opsd", "skill_sd", "rlsd")
 ADVANTAGES = ("grpo", "drgrpo", "gigpo")
 ENV_NAMES = ("alfworld", "webshop", "searchqa")
-RETRIEVALS = ("keyword", "full", "random", "ucb")
 BACKENDS = ("hf", "vllm")
-DEVICES = ("auto", "cpu", "cuda")
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
-MODEL_ATTNS = ("auto", "flash", "sdpa", "eager")
-PROMPT_STYLES = ("verl-agent", "compact")  # = sdar_envs.prompts.PROMPT_STYLES (not imported:
-THINK_STYLES = ("plan", "empty")           # configs validate without loading the envs)
+# model.dtype / model.attn choices live in model.py (DTYPES, ATTNS), train.device's in distributed.py
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -63,11 +61,24 @@ class RolloutConfig:
     gen_batch: int = 0               # prompts per generate call; 0 = all at once
     max_turns: int = 0               # env steps per episode; 0 = the env's own cap
     chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {enable_thinking: false} (Qwen3)
+    # backend "vllm" only (sdar_engine/vllm_backend.py):
+    vllm_gpu_memory_utilization: float = 0.5  # GPU fraction vLLM takes while awake (weights + KV cache)
+    vllm_sleep_level: int = 1        # after each rollout: 1 offload weights, 2 drop them, 0 never sleep
+    vllm_max_model_len: int = 0      # 0 = max_prompt_tokens + max_new_tokens
+    vllm_dtype: str = "bfloat16"     # serving dtype: auto | bfloat16 | float16 | float32
+    vllm_enforce_eager: bool = False  # true: no CUDA graphs (faster start, slower decode)
 
 
 @dataclass
 class AlgoConfig:
-    """Method (loss preset), advantage estimator and update schedule."""
+    """Method (loss preset), advantage estimator and update schedule.
+
+    PPO schedule (verl's ppo_mini_batch_size / ppo_epochs, counted in step samples): each epoch
+    splits a seeded permutation of the step's N samples (over all ranks) into ceil(N / size)
+    near-equal mini-batches, one optimizer step each; old log-probs are those of the rollout
+    weights, so only the first mini-batch of the first epoch is exactly on-policy (ratio 1).
+    ``max_tokens`` bounds each packed micro-batch inside a mini-batch (gradient accumulation).
+    """
 
     method: str = "sdar"
     loss: dict = field(default_factory=dict)  # LossConfig overrides, e.g. {sd_coef: 0.01}
@@ -75,8 +86,9 @@ class AlgoConfig:
     adv_eps: float = 1e-6
     step_advantage_w: float = 1.0    # GiGPO only
     gamma: float = 0.95              # GiGPO discount
-    max_tokens: int = 8192           # token budget of one packed micro-batch
-    mini_batches: int = 1            # optimizer steps per rollout batch
+    max_tokens: int = 8192           # token budget of one packed micro-batch (per rank)
+    ppo_mini_batch_size: int = 0     # step samples per optimizer step (all ranks); 0 = the whole batch
+    ppo_epochs: int = 1              # passes over the step's samples (each pass: its mini-batches)
     rlsd_decay_steps: int = 0        # RLSD weight -> 0 linearly over this many steps; 0 = train.steps
 
 
@@ -93,6 +105,7 @@ class RunConfig:
     plot: bool = True
     tensorboard: bool = True
     keep_checkpoints: int = 2
+    log_episodes: bool = False       # episodes.jsonl: every step sample's action, reward and rank
 
 
 @dataclass
@@ -127,19 +140,23 @@ class TrainConfig:
 
 
 CHOICES: dict[str, tuple] = {
-    "model.dtype": MODEL_DTYPES, "model.attn": MODEL_ATTNS,
     "env.name": ENV_NAMES, "env.retrieval": RETRIEVALS, "rollout.backend": BACKENDS,
     "algo.method": METHODS, "algo.advantage": ADVANTAGES, "train.device": DEVICES,
     "env.prompt_style": PROMPT_STYLES, "env.expert_think": THINK_STYLES,
 }
 POSITIVE = ("env.tasks_per_step", "env.group_size", "rollout.max_new_tokens",
-            "rollout.max_prompt_tokens", "algo.max_tokens", "algo.mini_batches",
+            "rollout.max_prompt_tokens", "algo.max_tokens", "algo.ppo_epochs",
             "train.save_every", "warmstart.epochs", "warmstart.max_tokens",
             "warmstart.batch_samples", "train.keep_checkpoints")
 NON_NEGATIVE = ("env.history_length", "env.invalid_penalty", "env.eval_tasks", "env.num_workers",
                 "env.skill_top_k", "rollout.gen_batch", "rollout.max_turns", "rollout.eval_temperature",
-                "algo.step_advantage_w", "algo.rlsd_decay_steps", "train.steps",
+                "algo.step_advantage_w", "algo.rlsd_decay_steps", "algo.ppo_mini_batch_size", "train.steps",
                 "train.eval_every", "warmstart.episodes", "algo.adv_eps")
+
+
+# Keys that existed once, and what replaced them (an old YAML gets told, not just rejected).
+RENAMED = {"algo.mini_batches": "algo.ppo_mini_batch_size (step samples per optimizer step; "
+                                "0 = the whole batch) and algo.ppo_epochs"}
 
 
 def _fail(key: str, value: Any, valid: str) -> None:
@@ -195,6 +212,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
+    renamed = [k for k in unknown if f"{prefix}.{k}" in RENAMED]
+    if renamed:
+        key = f"{prefix}.{renamed[0]}"
+        raise ValueError(f"config key '{key}' was renamed: use {RENAMED[key]}")
     if unknown:
         where = f" under '{prefix}'" if prefix else ""
         raise ValueError(f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}'; "
@@ -240,8 +261,7 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         _fail("warmstart.noise", cfg.warmstart.noise, "a probability in [0, 1)")
     if not 0.0 <= cfg.algo.gamma <= 1.0:
         _fail("algo.gamma", cfg.algo.gamma, "a number in [0, 1]")
-    if cfg.rollout.backend == "vllm" and not _vllm_available():
-        _fail("rollout.backend", "vllm", "hf (vllm is not installed here)")
+    _validate_vllm(cfg)
     try:
         loss_config_for(cfg, 0)
     except ValueError as err:
@@ -251,9 +271,23 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     return cfg
 
 
-def _vllm_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("vllm") is not None
+def _validate_vllm(cfg: TrainConfig) -> None:
+    """The rollout.vllm_* keys; backend vllm without vLLM installed names the [vllm] extra."""
+    from sdar_engine.vllm_backend import DTYPES, MISSING_VLLM, SLEEP_LEVELS, vllm_installed
+
+    r = cfg.rollout
+    if not 0.0 < r.vllm_gpu_memory_utilization <= 1.0:
+        _fail("rollout.vllm_gpu_memory_utilization", r.vllm_gpu_memory_utilization, "a fraction in (0, 1]")
+    if r.vllm_sleep_level not in SLEEP_LEVELS:
+        _fail("rollout.vllm_sleep_level", r.vllm_sleep_level, "one of 0, 1, 2")
+    if r.vllm_dtype not in DTYPES:
+        _fail("rollout.vllm_dtype", r.vllm_dtype, "one of " + ", ".join(DTYPES))
+    if r.vllm_max_model_len < 0:
+        _fail("rollout.vllm_max_model_len", r.vllm_max_model_len, "0 (prompt + response cap) or a length > 0")
+    if r.backend == "vllm" and cfg.train.device == "cpu":
+        _fail("rollout.backend", "vllm", "hf with train.device=cpu (vLLM serves on CUDA; use train.device auto or cuda)")
+    if r.backend == "vllm" and not vllm_installed():
+        raise ValueError(MISSING_VLLM)
 
 
 def check_model_dir(model_cfg: Any) -> None:

@@ -43,14 +43,21 @@ def peak_memory_mb(device: torch.device | str) -> float:
 
 
 class MetricsLogger:
-    """Appends per-step metrics to ``<run_dir>/metrics.jsonl`` (and TensorBoard if installed)."""
+    """Appends per-step metrics to ``<run_dir>/metrics.jsonl`` (and TensorBoard if installed).
+
+    ``enabled=False`` (every rank but 0 under torchrun) writes nothing: the metrics a step
+    returns are already reduced over ranks, so one writer records each step once.
+    """
 
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True,
-                 filename: str = "metrics.jsonl") -> None:
+                 filename: str = "metrics.jsonl", enabled: bool = True) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / filename
+        self.enabled = enabled
         self._tb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -60,7 +67,7 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """Drop records with step > ``step`` (a resumed run rewrites what follows its checkpoint)."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         with open(self.path, "w", encoding="utf-8") as fh:
@@ -73,6 +80,8 @@ class MetricsLogger:
         for k, v in metrics.items():
             f = to_float(v)
             rec[k] = f if math.isfinite(f) else None
+        if not self.enabled:
+            return rec
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
         if self._tb is not None:

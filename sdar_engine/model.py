@@ -4,9 +4,16 @@ A training step never asks the model for logits: ``trunk_hidden`` returns the la
 states of a packed stream and ``lm_head`` the output projection, and both go to the fused
 loss kernel. ``head_forward`` runs trunk and a head function inside one (FSDP-registered)
 forward so that sharded root parameters (embedding, final norm, lm_head) are gathered.
+
+Precision: parameters (and so AdamW's state) are always float32 master weights, whatever the
+checkpoint on disk holds. ``ModelConfig.dtype`` is the compute dtype: every forward of the
+model - rollout generation, the old / teacher / reference scoring passes and the update - runs
+under ``compute_autocast(model)``, the one autocast region defined here, so that on-policy the
+scoring passes and the update see the same numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -30,13 +37,16 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 class ModelConfig:
     """Which model to load and how. ``path`` (a local HF directory) wins over ``preset``.
 
+    ``dtype`` float32 runs without autocast; bfloat16 / float16 run every forward under
+    torch.autocast of that dtype over float32 parameters (FSDP2: MixedPrecisionPolicy with
+    that param dtype and float32 gradient reduction). float16 has no loss scaling: prefer bfloat16.
     tiny_* fields size the tiny Qwen2 preset: hidden width, decoder layers, attention heads,
     key/value heads, MLP width (0 = 4 x hidden) and the tokenizer's vocabulary upper bound.
     """
 
     path: str | None = None
     preset: str = "tiny"
-    dtype: str = "float32"
+    dtype: str = "float32"      # compute dtype; parameters stay float32 (see the module docstring)
     attn: str = "auto"
     grad_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -146,8 +156,10 @@ def resolve_attn(attn: str, device: torch.device | str) -> str:
 def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[Any, Any]:
     """Load (model, tokenizer) from ``cfg.path`` (safetensors only) onto ``device``.
 
-    The model is in train mode, with gradient checkpointing when asked, and has
-    ``head_forward`` attached. Raise FileNotFoundError for a missing/incomplete directory.
+    Parameters are float32 (master weights) whatever the stored dtype; ``cfg.dtype`` becomes the
+    model's compute dtype (``compute_autocast``). The model is in train mode, with gradient
+    checkpointing when asked, and has ``head_forward`` attached. Raise FileNotFoundError for a
+    missing/incomplete directory.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -157,7 +169,7 @@ def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[A
     check_model_dir(cfg.path)
     attn = resolve_attn(cfg.attn, device)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.path, dtype=DTYPES[cfg.dtype], attn_implementation=attn, use_safetensors=True,
+        cfg.path, dtype=torch.float32, attn_implementation=attn, use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code, local_files_only=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(
@@ -171,7 +183,8 @@ def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[A
         enable_checkpointing(model)
     model.train()
     attach_head_forward(model)
-    log.info("loaded %s (%s, attn=%s, %d params) on %s", cfg.path, cfg.dtype, attn,
+    set_compute_dtype(model, DTYPES[cfg.dtype])
+    log.info("loaded %s (float32 parameters, %s compute, attn=%s, %d params) on %s", cfg.path, cfg.dtype, attn,
              sum(p.numel() for p in model.parameters()), device)
     return model, tokenizer
 
@@ -185,45 +198,17 @@ def enable_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _hf_detects_packing() -> bool:
-    try:
-        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# transformers >= ~4.53 derives the block-diagonal mask from position_ids restarts (sdpa and
-# eager); older versions would let packed samples attend to each other, so we mask ourselves.
-HF_DETECTS_PACKING = _hf_detects_packing()
-
-
-def block_causal_mask(position_ids: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive mask [R, 1, L, L]: causal within each sample (positions restart at 0), -inf across."""
-    seg = torch.cumsum((position_ids == 0).long(), dim=1)
-    same = seg[:, :, None] == seg[:, None, :]
-    causal = torch.ones(position_ids.shape[1], position_ids.shape[1], dtype=torch.bool,
-                        device=position_ids.device).tril()
-    mask = torch.zeros(same.shape, dtype=dtype, device=position_ids.device)
-    return mask.masked_fill(~(same & causal), torch.finfo(dtype).min)[:, None]
-
-
 def trunk_hidden(model: Any, input_ids: Tensor, position_ids: Tensor) -> Tensor:
     """Last hidden states of packed rows: input_ids/position_ids [R, L] -> hidden [R*L, H].
 
     Positions restart at 0 for every sample, and no attention mask is passed: transformers
-    then builds the block-diagonal (per-sample causal) mask from the position resets, or
-    flash-attn varlen uses them as cu_seqlens. No logits are computed.
+    (>= 4.56, setup.py's floor) then builds the block-diagonal (per-sample causal) mask from the
+    position resets, or flash-attn varlen uses them as cu_seqlens. No logits are computed.
     """
     if input_ids.shape != position_ids.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} "
                          "must both be [rows, length]")
-    mask = None
-    impl = getattr(model.config, "_attn_implementation", "sdpa")
-    if not HF_DETECTS_PACKING and impl != "flash_attention_2" and bool((position_ids[:, 1:] == 0).any()):
-        mask = block_causal_mask(position_ids, model.get_input_embeddings().weight.dtype)
-    out = model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                           use_cache=False)
+    out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     hidden = out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])
 
@@ -259,6 +244,33 @@ def head_forward(model: Any, input_ids: Tensor, position_ids: Tensor, fn: HeadFn
     """Run ``fn(hidden [R*L, H], weight [V, H], bias)`` on the trunk's output in one forward.
 
     ``fn`` must return tensors / tuples / dicts of tensors (FSDP hooks its outputs for backward).
+    Runs under ``compute_autocast(model)``; call backward outside it (as autocast wants).
     """
     attach_head_forward(model)
-    return model.sdar_head_forward(input_ids, position_ids, fn)
+    with compute_autocast(model):
+        return model.sdar_head_forward(input_ids, position_ids, fn)
+
+
+def set_compute_dtype(model: Any, dtype: torch.dtype) -> None:
+    """Record the dtype every forward of ``model`` computes in (``compute_autocast``)."""
+    if dtype not in DTYPES.values():
+        raise ValueError(f"compute dtype {dtype} is invalid; valid: {', '.join(map(str, DTYPES.values()))}")
+    model.sdar_compute_dtype = dtype
+
+
+def compute_dtype(model: Any) -> torch.dtype:
+    """The compute dtype ``set_compute_dtype`` recorded; else the dtype of the first parameter."""
+    dtype = getattr(model, "sdar_compute_dtype", None)
+    return dtype if dtype is not None else next(model.parameters()).dtype
+
+
+def compute_autocast(model: Any) -> Any:
+    """The one autocast region of every forward of ``model``: none for float32 compute, else
+    torch.autocast(device type, compute dtype). Rollout generation, the old / teacher / ref
+    scoring passes and the update all enter it, so they compute alike."""
+    dtype = compute_dtype(model)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    p = next(model.parameters())
+    device = p.to_local().device if hasattr(p, "to_local") else p.device
+    return torch.autocast(device.type, dtype=dtype)

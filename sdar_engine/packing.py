@@ -237,11 +237,6 @@ def pack_like(samples: Sequence[Sample], mb: MicroBatch, use_teacher_prompt: boo
     return _build(samples, list(mb.sample_index), use_teacher_prompt, row_tokens, pad_id)
 
 
-def total_response_tokens(samples: Sequence[Sample]) -> int:
-    """Number of loss tokens (response tokens) over ``samples``."""
-    return sum(len(s.response_ids) for s in samples)
-
-
 def describe(micro: Sequence[MicroBatch]) -> dict[str, Any]:
     """Shape summary for logs: micro-batches, rows, real (prompt+response) and padded tokens."""
     padded = sum(int(m.input_ids.numel()) for m in micro)

@@ -4,15 +4,20 @@ Each env step of each of the B x G envs becomes one ``Sample``: the student prom
 recent history, observation, admissible actions, rendered with the chat template), the
 sampled response ids (ending with the end-of-turn token when the model stopped by itself) and
 the teacher prompt (same prompt behind the privileged skills). Steps after ``done`` are dropped.
+
+Episodes are numbered globally (episode e plays task e // G) and sampled with a seed per
+(rollout seed, episode, turn), so an episode's tokens do not depend on which rank or batch
+plays it: ranks each run a share of the episodes and together play the same ones.
 """
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import hashlib
 import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -23,11 +28,22 @@ log = logging.getLogger("sdar.rollout")
 
 
 class GenerationBackend(Protocol):
-    """Turns prompt token ids into sampled continuation ids (eos kept, padding removed)."""
+    """Turns prompt token ids into sampled continuation ids (eos kept, padding removed).
+
+    ``seeds`` (one int per prompt, or None): prompt k's sampling draws from its own RNG seeded
+    with ``seeds[k]``, so its tokens do not depend on the other prompts of the call.
+    """
 
     def generate(self, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float,
-                 top_p: float, stop: Sequence[str] | None = None) -> list[list[int]]:
+                 top_p: float, stop: Sequence[str] | None = None,
+                 seeds: Sequence[int] | None = None) -> list[list[int]]:
         ...
+
+
+def sampling_seed(*key: Any) -> int:
+    """A 63-bit seed from a key of ints / strings, the same in every process and Python run
+    (unlike ``hash``, which is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "big") >> 1
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -43,10 +59,71 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits [B, V] with -inf outside each row's nucleus: the most probable tokens whose mass
+    reaches ``top_p`` (the top token always stays)."""
+    if top_p >= 1.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # mass before the token already suffices
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, -torch.inf)
+
+
+class SeededSampling:
+    """HF logits processor that samples (temperature, top-p) with one RNG per row.
+
+    Gumbel-max: the token is argmax(logits / T + g) with g = -log(-log u), u ~ U(0, 1) from the
+    row's own ``torch.Generator``, exactly a draw from softmax(logits / T) over the nucleus. It
+    returns scores that are -inf except at the drawn token, so ``generate`` runs greedy
+    (do_sample=False) and picks it. ``seeds`` None draws from the global torch RNG instead.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seeds: Sequence[int] | None,
+                 device: torch.device) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} is invalid for sampling; expected > 0 (0 = greedy)")
+        self.temperature, self.top_p, self.device = float(temperature), float(top_p), device
+        self.gens = None if seeds is None else [
+            torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = top_p_filter(scores.float() / self.temperature, self.top_p)
+        b, v = logits.shape
+        if self.gens is None:
+            u = torch.rand(b, v, device=logits.device)
+        else:
+            if len(self.gens) != b:
+                raise ValueError(f"SeededSampling has {len(self.gens)} seeds for a batch of {b} rows")
+            u = torch.stack([torch.rand(v, generator=g, device=self.device) for g in self.gens]).to(logits.device)
+        gumbel = -torch.log(-torch.log(u.clamp(torch.finfo(u.dtype).tiny, 1.0)))
+        choice = (logits + gumbel).argmax(-1, keepdim=True)
+        return torch.full_like(scores, -torch.inf).scatter(1, choice, 0.0)
+
+
+@contextlib.contextmanager
+def _plain_generation_config(model: Any, eos_ids: list[int], pad_id: int) -> Iterator[None]:
+    """generate() fills every unset option from ``model.generation_config`` (a Qwen instruct
+    model ships repetition_penalty 1.05, top_k 20, ...): sampling would then no longer be the
+    policy whose log-probs are trained. Swap in a bare config for the call."""
+    from transformers import GenerationConfig
+
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=pad_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 class HFBackend:
     """HF ``generate``: left-padded batches, KV cache, temperature / top-p sampling.
 
     ``temperature == 0`` means greedy decoding. ``gen_batch`` caps prompts per call (0 = all).
+    Sampling is ``SeededSampling`` (per-prompt RNG when seeds are given); the model's own
+    generation_config is ignored; forwards run under the model's ``compute_autocast``.
     """
 
     def __init__(self, model: Any, tokenizer: Any, device: torch.device | str = "cpu",
@@ -59,16 +136,25 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(self, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0, stop: Sequence[str] | None = None) -> list[list[int]]:
+                 top_p: float = 1.0, stop: Sequence[str] | None = None,
+                 seeds: Sequence[int] | None = None) -> list[list[int]]:
+        if seeds is not None and len(seeds) != len(prompts_ids):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts_ids)} prompts; give one per prompt")
         chunk = self.gen_batch or max(1, len(prompts_ids))
         out: list[list[int]] = []
         for start in range(0, len(prompts_ids), chunk):
+            part = None if seeds is None else list(seeds[start:start + chunk])
             out.extend(self._generate_chunk(prompts_ids[start:start + chunk], max_new_tokens,
-                                            temperature, top_p, stop))
+                                            temperature, top_p, stop, part))
         return out
 
     def _generate_chunk(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                        top_p: float, stop: Sequence[str] | None) -> list[list[int]]:
+                        top_p: float, stop: Sequence[str] | None,
+                        seeds: Sequence[int] | None) -> list[list[int]]:
+        from transformers import LogitsProcessorList
+
+        from sdar_engine.model import compute_autocast
+
         if not prompts:
             return []
         width = max(len(p) for p in prompts)
@@ -77,18 +163,18 @@ class HFBackend:
         for row, p in enumerate(prompts):  # left padding: the last prompt token is aligned
             ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[row, width - len(p):] = 1
-        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, use_cache=True,
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, use_cache=True, do_sample=False,
                                       pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
         if temperature > 0:
-            kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
-        else:
-            kwargs.update(do_sample=False)
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [SeededSampling(temperature, top_p, seeds, self.device)])
         if stop:
             kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
         was_training = self.model.training
         self.model.eval()
-        seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                   **kwargs)
+        with _plain_generation_config(self.model, self.eos_ids, self.pad_id), compute_autocast(self.model):
+            seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                       **kwargs)
         self.model.train(was_training)
         return [self._trim(row[width:].tolist()) for row in seqs.cpu()]
 
@@ -98,33 +184,6 @@ class HFBackend:
             if t in self.eos_ids:
                 return tokens[: j + 1]
         return tokens or [self.eos_ids[0]]  # never an empty response (packing needs >= 1 token)
-
-
-class VLLMBackend:
-    """vLLM serving of the same weights; only constructed when ``vllm`` is importable.
-
-    The caller must re-sync weights after each update (``sync_weights``); kept minimal because
-    CPU runs never use it.
-    """
-
-    def __init__(self, model_path: str, tokenizer: Any, **engine_kwargs: Any) -> None:
-        if importlib.util.find_spec("vllm") is None:
-            raise ImportError("rollout.backend='vllm' needs `pip install vllm`; use backend 'hf'")
-        from vllm import LLM  # noqa: PLC0415  (optional dependency)
-        self.llm = LLM(model=model_path, **engine_kwargs)
-        self.eos_ids = stop_token_ids(tokenizer)
-
-    def sync_weights(self, model: Any) -> None:
-        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
-        runner.model.load_weights(model.state_dict().items())
-
-    def generate(self, prompts_ids: list[list[int]], max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0, stop: Sequence[str] | None = None) -> list[list[int]]:
-        from vllm import SamplingParams  # noqa: PLC0415
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                stop=list(stop or []), stop_token_ids=self.eos_ids)
-        outs = self.llm.generate(prompt_token_ids=prompts_ids, sampling_params=params)
-        return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def render_prompt_ids(tokenizer: Any, text: str, max_tokens: int = 0) -> list[int]:
@@ -142,7 +201,11 @@ def render_prompt_ids(tokenizer: Any, text: str, max_tokens: int = 0) -> list[in
 
 @dataclass
 class Rollout:
-    """Step samples of one batch with the per-sample arrays the advantage estimators need."""
+    """Step samples of one batch with the per-sample arrays the advantage estimators need.
+
+    Samples are in canonical order: by episode number, then env step (whichever rank or turn
+    produced them), so the concatenation of the ranks' shares is the single-process batch.
+    """
 
     samples: list[Sample] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)       # episode reward - step penalty
@@ -152,6 +215,7 @@ class Rollout:
     task_types: list[str] = field(default_factory=list)      # per episode
     episode_rewards: list[float] = field(default_factory=list)
     episode_lengths: list[int] = field(default_factory=list)
+    episode_ids: list[int] = field(default_factory=list)     # per episode: its global number
     invalid_steps: int = 0
     gen_tokens: int = 0
     gen_seconds: float = 0.0
@@ -177,13 +241,22 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
                  group_size: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  max_prompt_tokens: int = 0, max_turns: int = 0, retrieval: str | None = None,
                  keep_samples: bool = True, stop: Sequence[str] | None = None,
-                 desc: str = "rollout") -> Rollout:
-    """Play ``len(task_ids) x group_size`` episodes to the end; one Sample per live env step.
+                 desc: str = "rollout", episodes: Sequence[int] | None = None,
+                 seed: int | None = None) -> Rollout:
+    """Play episodes to the end; one Sample per live env step.
 
-    ``retrieval`` set: each sample also gets ``teacher_prompt_ids``. ``max_turns`` > 0 cuts
-    episodes early (an unfinished episode counts as not won).
+    Episode e (0 <= e < len(task_ids) x group_size) is copy e % group_size of task
+    task_ids[e // group_size]; ``episodes`` picks this caller's share (default: all), and the
+    samples carry the global numbers (group = e // group_size, episode = e). ``seed`` set: the
+    turn-t response of episode e is sampled with ``sampling_seed(seed, e, t)``, independent of
+    the share. ``retrieval`` set: each sample also gets ``teacher_prompt_ids``. ``max_turns`` > 0
+    cuts episodes early (an unfinished episode counts as not won).
     """
-    obs, infos = env.reset(batch_size=len(task_ids), group_size=group_size, task_ids=list(task_ids))
+    eps = sorted(range(len(task_ids) * group_size) if episodes is None else episodes)
+    if eps and not 0 <= eps[0] <= eps[-1] < len(task_ids) * group_size:
+        raise ValueError(f"episodes {eps[0]}..{eps[-1]} are out of range for {len(task_ids)} tasks x "
+                         f"{group_size} copies")
+    obs, infos = env.reset(batch_size=len(eps), group_size=1, task_ids=[task_ids[e // group_size] for e in eps])
     n = len(obs)
     done = [False] * n
     ep_reward, ep_len = [0.0] * n, [0] * n
@@ -195,13 +268,15 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
         live = [i for i in range(n) if not done[i]]
         bar.update(1)
         bar.set_postfix(live=len(live), won=sum(bool(x.get("won")) for x in infos))
-        from sdar_engine.teacher import teacher_prompt_ids  # noqa: PLC0415 (teacher imports us)
+        from sdar_engine.prompt_fit import student_prompt_ids  # noqa: PLC0415 (both import us)
+        from sdar_engine.teacher import teacher_prompt_ids  # noqa: PLC0415
 
-        prompts = [render_prompt_ids(tokenizer, env.prompt(i), max_prompt_tokens) for i in live]
+        prompts = student_prompt_ids(env, tokenizer, live, max_prompt_tokens)  # history goes first at the cap
         teachers = (teacher_prompt_ids(env, tokenizer, live, retrieval, max_prompt_tokens)
                     if retrieval and keep_samples else [None] * len(live))
         t0 = time.perf_counter()
-        responses = backend.generate(prompts, max_new_tokens, temperature, top_p, stop)
+        seeds = None if seed is None else [sampling_seed(seed, eps[i], turn) for i in live]
+        responses = backend.generate(prompts, max_new_tokens, temperature, top_p, stop, seeds=seeds)
         ro.gen_seconds += time.perf_counter() - t0
         ro.gen_tokens += sum(len(r) for r in responses)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -218,8 +293,9 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
             ep_len[i] += 1
             if keep_samples:
                 ro.samples.append(Sample(prompt_ids=prompts[k], response_ids=list(responses[k]),
-                                         teacher_prompt_ids=teachers[k], group=i // group_size,
-                                         episode=i, step=ep_len[i] - 1))
+                                         teacher_prompt_ids=teachers[k], group=eps[i] // group_size,
+                                         episode=eps[i], step=ep_len[i] - 1,
+                                         meta={"action": texts[k], "task": task_ids[eps[i] // group_size]}))
                 ro.step_rewards.append(float(rewards[i]) - penalty)
                 ro.anchors.append(obs[i])
                 per_env[i].append((len(ro.samples) - 1, penalty))
@@ -228,6 +304,7 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
         obs, infos = new_obs, new_infos
         turn += 1
     bar.close()
+    ro.episode_ids = eps
     _finish(ro, infos, done, ep_reward, ep_len, per_env)
     if retrieval == "ucb":
         env.report_outcomes(ro.won)
@@ -236,12 +313,14 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
 
 def _finish(ro: Rollout, infos: list[dict], done: list[bool], ep_reward: list[float], ep_len: list[int],
             per_env: list[list[tuple[int, float]]]) -> None:
-    """Episode outcomes, and each step sample's reward = its episode's reward - its own penalty."""
+    """Episode outcomes; samples put in canonical (episode, step) order; each step sample's
+    reward = its episode's reward - its own penalty."""
     n = len(done)
     ro.won = [bool(infos[i].get("won", False)) and done[i] for i in range(n)]
     ro.task_types = [str(infos[i].get("task_type", "all")) for i in range(n)]
     ro.episode_rewards, ro.episode_lengths = ep_reward, ep_len
-    ro.rewards = [0.0] * len(ro.samples)
-    for i in range(n):
-        for idx, penalty in per_env[i]:
-            ro.rewards[idx] = ep_reward[i] - penalty
+    order = [idx for i in range(n) for idx, _ in per_env[i]]  # env i < env j <=> episode i < episode j
+    ro.samples = [ro.samples[k] for k in order]
+    ro.step_rewards = [ro.step_rewards[k] for k in order]
+    ro.anchors = [ro.anchors[k] for k in order]
+    ro.rewards = [ep_reward[i] - penalty for i in range(n) for _, penalty in per_env[i]]

@@ -4,24 +4,29 @@ The teacher is not a second model. Its prompt is ``env.teacher_prompt(i, retriev
 student prompt behind privileged skills from the env's skill bank, rendered with the same chat
 template); its log-probs of the student's sampled response tokens come from the same weights
 that generated them, under no_grad, through the fused log-prob kernel (ENGINE-CORE's
-``score_samples(which="teacher")``).
+``score_samples(which="teacher")``). Under ``rollout.max_prompt_tokens`` the teacher prompt
+loses history records, never its skills or the current observation (``prompt_fit``).
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from sdar_engine.packing import Sample
-from sdar_engine.rollout import render_prompt_ids
+from sdar_envs.skills import RETRIEVALS
 
-RETRIEVALS = ("keyword", "full", "random", "ucb")
+from sdar_engine.packing import Sample
+from sdar_engine.prompt_fit import candidates_of, fit_prompt_ids
 
 
 def teacher_prompt_ids(env: Any, tokenizer: Any, indices: Sequence[int], retrieval: str = "keyword",
                        max_prompt_tokens: int = 0) -> list[list[int]]:
-    """Token ids of the teacher prompts of envs ``indices`` (call before ``env.step``)."""
+    """Token ids of the teacher prompts of envs ``indices`` (call before ``env.step``).
+
+    Each keeps its chat header, every retrieved skill line and the current observation; a
+    prompt over ``max_prompt_tokens`` drops its oldest history records first.
+    """
     if retrieval not in RETRIEVALS:
         raise ValueError(f"retrieval={retrieval!r} is invalid; valid choices: {', '.join(RETRIEVALS)}")
-    return [render_prompt_ids(tokenizer, env.teacher_prompt(i, retrieval), max_prompt_tokens)
+    return [fit_prompt_ids(tokenizer, candidates_of(env, i, retrieval), max_prompt_tokens, "teacher prompt")
             for i in indices]
 
 

@@ -20,6 +20,7 @@ import random
 import zlib
 from pathlib import Path
 
+from ..cache import cache_root
 from .catalog import FULL_TO_SHORT, MAX_STEPS, ROOM_SIZES, SHORT_TYPES, TASK_TYPES
 from .game import AlfworldGame
 from .gamefiles import GAME_FILE, TRAJ_FILE, load_game_data, write_game_dir
@@ -34,11 +35,6 @@ GENERATOR_VERSION = 2
 SPLIT_DIRS = {"train": "train", "test": "valid_unseen"}
 DEFAULT_COUNTS = {"train": 600, "test": 120}
 MAX_ATTEMPTS = 8
-
-
-def cache_root() -> Path:
-    """``$SDAR_CACHE`` (default ``~/.cache/sdar_envs``)."""
-    return Path(os.environ.get("SDAR_CACHE") or Path.home() / ".cache" / "sdar_envs")
 
 
 def _has_games(path: Path) -> bool:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import bm25s
 
+from ..cache import cache_root
+
 log = logging.getLogger("sdar_envs.searchqa")
 
 
@@ -66,11 +68,6 @@ def _save_atomically(model: bm25s.BM25, target: Path) -> None:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def cache_root() -> Path:
-    """``$SDAR_CACHE`` or ``~/.cache/sdar_envs``."""
-    return Path(os.environ.get("SDAR_CACHE", Path.home() / ".cache" / "sdar_envs"))
 
 
 def corpus_cache_dir(corpus_path: str | Path) -> Path:

@@ -25,6 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..cache import cache_root
 from .lexicon import (BRANDS, DEPARTMENTS, PRODUCT_TYPES, STYLE_WORDS, ProductType,
                       all_product_types)
 
@@ -41,11 +42,6 @@ _TEMPLATES = (
     "find me {art}{a1} {q}{that_rest}",
     "i'd like {art}{q} that has {attrs}",
 )
-
-
-def cache_root() -> Path:
-    """The on-disk cache root: ``$SDAR_CACHE`` or ``~/.cache/sdar_envs``."""
-    return Path(os.environ.get("SDAR_CACHE", Path.home() / ".cache" / "sdar_envs"))
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -37,6 +37,11 @@ def test_overrides_are_yaml_typed_and_nested():
     ("algo.loss={gate: maybe}", r"LossConfig.gate='maybe' is invalid; valid choices: gap, entropy, soft_or, none"),
     ("rollout.top_p=1.5", r"rollout.top_p=1.5 is invalid"),
     ("algo", r"--set 'algo' is invalid; use --set section.key=value"),
+    ("algo.mini_batches=2", r"config key 'algo.mini_batches' was renamed: use algo.ppo_mini_batch_size"),
+    ("algo.ppo_epochs=0", r"algo.ppo_epochs=0 is invalid; valid: a number > 0"),
+    ("algo.ppo_mini_batch_size=-8", r"algo.ppo_mini_batch_size=-8 is invalid; valid: a number >= 0"),
+    ("train.device=tpu", r"train.device='tpu' is invalid; valid: one of auto, cpu, cuda"),
+    ("model.dtype=fp8", r"ModelConfig.dtype='fp8' is invalid; valid choices: float32, bfloat16, float16"),
 ])
 def test_bad_values_fail_naming_key_and_choices(override, match):
     with pytest.raises(ValueError, match=match):
@@ -80,3 +85,13 @@ def test_prompt_and_think_style_choices_match_the_envs_and_are_validated():
     assert config.PROMPT_STYLES == prompts.PROMPT_STYLES and config.THINK_STYLES == prompts.THINK_STYLES
     with pytest.raises(ValueError, match=r"env.prompt_style='short'.*verl-agent, compact"):
         config.from_dict({}, ["env.prompt_style=short"], check_paths=False)
+
+
+def test_paper_configs_carry_the_paper_ppo_schedule():
+    """PAPER_FACTS.md: PPO mini-batch 256 (ALFWorld, Search-QA) / 64 (WebShop) step samples, one epoch."""
+    want = {"alfworld": 256, "webshop": 64, "searchqa": 256}
+    names = sorted(p.name for p in PACKAGE_CONFIG_DIR.glob("*_qwen*.yaml"))
+    assert len(names) == 9, names
+    for name in names:
+        algo = load_config(name, check_paths=False).algo
+        assert (algo.ppo_mini_batch_size, algo.ppo_epochs) == (want[name.split("_")[0]], 1), name

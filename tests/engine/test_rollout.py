@@ -18,7 +18,7 @@ class ScriptedBackend:
     def __init__(self, tokenizer, turns):
         self.tok, self.turns, self.seen = tokenizer, list(turns), []
 
-    def generate(self, prompts_ids, max_new_tokens, temperature, top_p=1.0, stop=None):
+    def generate(self, prompts_ids, max_new_tokens, temperature, top_p=1.0, stop=None, seeds=None):
         self.seen.append(len(prompts_ids))
         texts = self.turns.pop(0)
         eot = stop_token_ids(self.tok)[0]
@@ -45,8 +45,9 @@ def test_samples_rewards_penalties_and_done_drop(policy):
     assert ro.won == [True, False, False, False]
     assert backend.seen == [4, 4, 3]  # env 0 won at step 2: no third-turn prompt for it
     assert len(ro.samples) == 2 + 3 + 3 + 3
-    assert [s.group for s in ro.samples[:4]] == [0, 0, 1, 1]
-    assert [(s.episode, s.step) for s in ro.samples[:4]] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    # canonical order: by episode, then step (not by turn)
+    assert [(s.group, s.episode, s.step) for s in ro.samples[:6]] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 1, 2), (1, 2, 0)]
     # episode reward 10 at every step of env 0; env 1's untagged step 0 costs 0.1
     by_ep = {}
     for s, r in zip(ro.samples, ro.rewards):
@@ -54,7 +55,9 @@ def test_samples_rewards_penalties_and_done_drop(policy):
     assert by_ep[0] == [10.0, 10.0]
     assert by_ep[1] == pytest.approx([-0.1, 0.0, 0.0])
     assert ro.invalid_steps == 1
-    assert ro.step_rewards[4] == 10.0  # second turn: env 0's winning step comes first
+    assert ro.step_rewards[:2] == [0.0, 10.0]  # env 0 won at its second step
+    assert ro.samples[1].meta == {"action": "<think>x</think><action>take apple</action>",
+                                  "task": env.task_ids[0]}
     m = ro.metrics()
     assert m["success"] == 0.25 and m["success/even"] == 0.5 and m["success/odd"] == 0.0
     # teacher prompt: skill header + the same student prompt, rendered before the step
@@ -90,7 +93,57 @@ def test_hf_backend_left_pads_and_stops_at_eos(policy):
     alone = backend.generate(prompts[:1] * 2, max_new_tokens=6, temperature=0.0)
     assert greedy[0] == alone[0] == alone[1]  # padding does not change the result
     assert model.training  # generation restores the mode
-    ids = teacher_prompt_ids(env, tok, [0, 1], "keyword", max_prompt_tokens=5)
-    assert [len(x) for x in ids] == [5, 5]  # truncation keeps the last tokens
+    full = teacher_prompt_ids(env, tok, [0, 1], "keyword")
+    assert teacher_prompt_ids(env, tok, [0, 1], "keyword", max_prompt_tokens=len(full[0]))[0] == full[0]
+    # a cap below the skills + current step is an error naming the key, never a cut through the skills
+    with pytest.raises(ValueError, match="rollout.max_prompt_tokens=5 is too small for this teacher prompt"):
+        teacher_prompt_ids(env, tok, [0, 1], "keyword", max_prompt_tokens=5)
     with pytest.raises(ValueError, match="retrieval='bm25'.*keyword, full, random, ucb"):
         teacher_prompt_ids(env, tok, [0], "bm25")
+
+
+def test_seeded_sampling_ignores_batch_company_and_chunking(policy):
+    """A prompt's tokens depend on its seed only: alone, in a padded batch or in chunks alike."""
+    model, tok = policy
+    env = FakeEnv(n_tasks=4)
+    env.reset(batch_size=4)
+    prompts = [render_prompt_ids(tok, env.prompt(i)) for i in range(4)] + [render_prompt_ids(tok, "short")]
+    seeds = [11, 12, 13, 14, 15]
+    backend = HFBackend(model, tok, "cpu")
+    together = backend.generate(prompts, 8, temperature=1.0, top_p=0.9, seeds=seeds)
+    alone = [backend.generate([p], 8, 1.0, 0.9, seeds=[s])[0] for p, s in zip(prompts, seeds)]
+    chunked = HFBackend(model, tok, "cpu", gen_batch=2).generate(prompts, 8, 1.0, 0.9, seeds=seeds)
+    assert together == alone == chunked
+    assert backend.generate(prompts, 8, 1.0, 0.9, seeds=[s + 100 for s in seeds]) != together
+    with pytest.raises(ValueError, match="seeds has 1 entries for 5 prompts"):
+        backend.generate(prompts, 8, 1.0, seeds=[1])
+
+
+def test_seeded_sampling_draws_from_the_tempered_nucleus():
+    from collections import Counter
+
+    from sdar_engine.rollout import SeededSampling, sampling_seed, top_p_filter
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    kept = top_p_filter(logits / 0.5, 0.9)  # softmax(logits / 0.5) = .844, .114, .015, ...: two reach 0.9
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False, False]]
+    sampler = SeededSampling(0.5, 0.9, seeds=[3], device=torch.device("cpu"))
+    counts = Counter(int(sampler(None, logits).argmax()) for _ in range(4000))
+    p0 = torch.softmax(logits[0, :2] / 0.5, 0)[0].item()  # 0.881 within the nucleus
+    assert set(counts) == {0, 1} and abs(counts[0] / 4000 - p0) < 0.02, (counts, p0)
+    assert sampling_seed("rollout", 0, 1) == 6495046112679028601  # the same in every process (not hash())
+
+
+def test_episode_shares_replay_the_whole_batch(policy):
+    """Two shares of the episodes (as two ranks play them) give the whole batch's samples."""
+    model, tok = policy
+    backend = HFBackend(model, tok, "cpu")
+    kw = dict(task_ids=FakeEnv(n_tasks=3).task_ids, group_size=2, max_new_tokens=6, temperature=1.0, seed=7)
+    whole = run_episodes(FakeEnv(n_tasks=3), backend, tok, **kw)
+    parts = [run_episodes(FakeEnv(n_tasks=3), backend, tok, episodes=eps, **kw) for eps in (range(2), range(2, 6))]
+    key = lambda ro: [(s.group, s.episode, s.step, s.prompt_ids, s.response_ids) for s in ro.samples]  # noqa: E731
+    assert key(whole) == key(parts[0]) + key(parts[1]) and len(whole.samples) >= 6
+    assert whole.rewards == parts[0].rewards + parts[1].rewards
+    assert (whole.episode_ids, parts[1].episode_ids) == (list(range(6)), [2, 3, 4, 5])
+    other = run_episodes(FakeEnv(n_tasks=3), backend, tok, **{**kw, "seed": 8})
+    assert key(other) != key(whole)

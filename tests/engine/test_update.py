@@ -79,17 +79,22 @@ def _padded_grads(model, samples, cfg):
 
 
 class _GradRecorder(torch.optim.SGD):
-    """An optimizer step that only records the accumulated gradients (lr 0)."""
+    """An optimizer step that only records the accumulated gradients (lr 0): ``grads`` of the
+    last step, ``steps`` of every step."""
 
     def __init__(self, model):
         super().__init__(model.parameters(), lr=0.0)
         self.names = {id(p): n for n, p in model.named_parameters()}
-        self.grads = {}
+        self.grads, self.steps = {}, []
 
     def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.grads[self.names[id(p)]] = p.grad.detach().clone()
+        self.grads = {self.names[id(p)]: p.grad.detach().clone()
+                      for group in self.param_groups for p in group["params"]}
+        self.steps.append(self.grads)
+
+
+def _relative_errors(grads, ref):
+    return {n: ((g - ref[n]).norm() / ref[n].norm().clamp_min(1e-12)).item() for n, g in grads.items()}
 
 
 @pytest.mark.parametrize("divergence,row_tokens", [("sampled", 256), ("reverse_kl", 256), ("sampled", 0)])
@@ -107,11 +112,31 @@ def test_packed_update_equals_padded_batch(tiny, divergence, row_tokens):
     assert metrics["micro_batches"] >= 3
     assert metrics["rows"] == (metrics["micro_batches"] if row_tokens else len(samples))
     assert metrics["tokens"] == sum(len(s.response_ids) for s in samples)
-    errors = {n: ((g - ref[n]).norm() / ref[n].norm().clamp_min(1e-12)).item()
-              for n, g in recorder.grads.items()}
+    errors = _relative_errors(recorder.grads, ref)
     assert len(errors) == len(ref) and max(errors.values()) <= 1e-5, errors
     total = torch.sqrt(sum((g ** 2).sum() for g in ref.values()))
     assert metrics["grad_norm"] == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_packed_micro_batches_inside_each_ppo_mini_batch_equal_its_padded_batch(tiny):
+    """Two mini-batches of 7 samples, each several micro-batches: each optimizer step's gradient
+    is the padded-batch gradient of that mini-batch alone (its own normalizer)."""
+    from sdar_engine.update import mini_batch_plan, ppo_update
+
+    cfg = LossConfig.preset("sdar", kl_coef=0.01, entropy_coef=0.001)
+    samples = random_samples(14, tiny[0].config.vocab_size, seed=3, scored=-6.0)
+    for s in samples:
+        s.ref_logp = s.old_logp + 0.05
+    plan = mini_batch_plan(len(samples), 7, 1, seed=5)
+    assert [len(mb) for mb in plan[0]] == [7, 7] and plan[0][0] != list(range(7))  # shuffled
+    model = _fresh(tiny)
+    recorder = _GradRecorder(model)
+    metrics = ppo_update(model, recorder, samples, cfg, plan, max_tokens=120, grad_clip=0.0, row_tokens=256)
+    assert len(recorder.steps) == 2 and metrics["micro_batches"] >= 2
+    for mb, grads in zip(plan[0], recorder.steps):
+        ref = _padded_grads(_fresh(tiny), [samples[i] for i in mb], cfg)
+        errors = _relative_errors(grads, ref)
+        assert len(errors) == len(ref) and max(errors.values()) <= 1e-5, errors
 
 
 def test_no_logits_sized_tensor_in_a_training_step(tmp_path):

@@ -39,6 +39,39 @@ def _rescaled_update(m_old, s_old, z):
 
 
 @triton.jit
+def fresh_state(BN: tl.constexpr):
+    """The empty per-row running state (m_s, s_s, a_s, m_t, s_t, acc_d, z_y) of BN rows."""
+    return (tl.full((BN,), NEG_BIG, tl.float32), tl.zeros((BN,), tl.float32), tl.zeros((BN,), tl.float32),
+            tl.full((BN,), NEG_BIG, tl.float32), tl.zeros((BN,), tl.float32), tl.zeros((BN,), tl.float32),
+            tl.zeros((BN,), tl.float32))
+
+
+@triton.jit
+def fold_tile(z, zt, cols, y, m_s, s_s, a_s, m_t, s_t, acc_d, z_y,
+              WITH_ENT: tl.constexpr, DIV: tl.constexpr):
+    """Fold one [BN, BV] logit tile (and the teacher's, DIV 1-3) into the per-row running state.
+
+    Accumulators are kept relative to the current (m_s, m_t): when either max moves, every
+    earlier term shifts by the change of that max. Shared by the portable and Hopper kernels.
+    """
+    z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+    m_old, s_old = m_s, s_s
+    m_s, s_s, c_s, e_s, d_s = _rescaled_update(m_old, s_old, z)
+    if WITH_ENT:
+        a_s = c_s * (a_s + (m_old - m_s) * s_old) + tl.sum(e_s * d_s, 1)
+    if DIV != 0:
+        mt_old, st_old = m_t, s_t
+        m_t, s_t, c_t, e_t, d_t = _rescaled_update(mt_old, st_old, zt)
+        if DIV == 1:
+            shift = (m_old - m_s) - (mt_old - m_t)
+            acc_d = c_s * (acc_d + shift * s_old) + tl.sum(e_s * (d_s - d_t), 1)
+        if DIV == 2:
+            shift = (mt_old - m_t) - (m_old - m_s)
+            acc_d = c_t * (acc_d + shift * st_old) + tl.sum(e_t * (d_t - d_s), 1)
+    return m_s, s_s, a_s, m_t, s_t, acc_d, z_y
+
+
+@triton.jit
 def stats_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr, part_ptr, zy_ptr,
                      N, V, H, HT, plane, n_splits, stride_h, stride_w, stride_th, stride_tw, vocab_per_split,
                      inv_tau,
@@ -53,35 +86,17 @@ def stats_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, th_ptr, tw_ptr, tb_ptr, part_pt
     v_lo = split * vocab_per_split
     v_hi = tl.minimum(v_lo + vocab_per_split, V)
 
-    m_s = tl.full((BN,), NEG_BIG, tl.float32)
-    s_s = tl.zeros((BN,), tl.float32)
-    a_s = tl.zeros((BN,), tl.float32)
-    m_t = tl.full((BN,), NEG_BIG, tl.float32)
-    s_t = tl.zeros((BN,), tl.float32)
-    acc_d = tl.zeros((BN,), tl.float32)
-    z_y = tl.zeros((BN,), tl.float32)
+    m_s, s_s, a_s, m_t, s_t, acc_d, z_y = fresh_state(BN)
     for v0 in range(v_lo, v_hi, BV):
         cols = v0 + tl.arange(0, BV)
         z = logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, v_hi, H, stride_h, stride_w, inv_tau,
                        BN, BV, BK, HAS_BIAS, EVEN_K, IEEE, UPCAST)
-        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
-        m_old, s_old = m_s, s_s
-        m_s, s_s, c_s, e_s, d_s = _rescaled_update(m_old, s_old, z)
-        if WITH_ENT:
-            a_s = c_s * (a_s + (m_old - m_s) * s_old) + tl.sum(e_s * d_s, 1)
+        zt = z
         if DIV != 0:
             zt = logit_tile(th_ptr, tw_ptr, tb_ptr, rows, cols, N, v_hi, HT, stride_th, stride_tw,
                             inv_tau, BN, BV, BK, HAS_TBIAS, EVEN_KT, IEEE, UPCAST)
-            mt_old, st_old = m_t, s_t
-            m_t, s_t, c_t, e_t, d_t = _rescaled_update(mt_old, st_old, zt)
-            # Accumulators are kept relative to the current (m_s, m_t): when either max moves,
-            # every earlier term shifts by the change of that max.
-            if DIV == 1:
-                shift = (m_old - m_s) - (mt_old - m_t)
-                acc_d = c_s * (acc_d + shift * s_old) + tl.sum(e_s * (d_s - d_t), 1)
-            if DIV == 2:
-                shift = (mt_old - m_t) - (m_old - m_s)
-                acc_d = c_t * (acc_d + shift * st_old) + tl.sum(e_t * (d_t - d_s), 1)
+        m_s, s_s, a_s, m_t, s_t, acc_d, z_y = fold_tile(z, zt, cols, y, m_s, s_s, a_s, m_t, s_t, acc_d,
+                                                        z_y, WITH_ENT, DIV)
 
     base = rows * n_splits + split
     tl.store(part_ptr + STAT_M * plane + base, m_s, mask=row_ok)

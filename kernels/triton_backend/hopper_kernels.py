@@ -41,7 +41,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward_kernels import _rescaled_update, jsd_terms
+from .backward_kernels import tile_dlogits
+from .forward_kernels import fold_tile, fresh_state, jsd_terms
 from .tiles import NEG_BIG, grouped_coords, to_store_dtype
 
 JSD_PASS2 = 4  # forward mode code of the second JSD pass
@@ -109,20 +110,8 @@ def _fwd_update(z, zt, cols, v_hi, y, lse_s, lse_t, beta, m_s, s_s, a_s, m_t, s_
         a_s += tl.sum(tl.where(p > 0.0, p * (lp - log_m), 0.0), 1)
         acc_d += tl.sum(tl.where(q > 0.0, q * (lq - log_m), 0.0), 1)
     else:
-        z_y += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
-        m_old, s_old = m_s, s_s
-        m_s, s_s, c_s, e_s, d_s = _rescaled_update(m_old, s_old, z)
-        if WITH_ENT:
-            a_s = c_s * (a_s + (m_old - m_s) * s_old) + tl.sum(e_s * d_s, 1)
-        if DIV != 0:
-            mt_old, st_old = m_t, s_t
-            m_t, s_t, c_t, e_t, d_t = _rescaled_update(mt_old, st_old, zt)
-            if DIV == 1:
-                shift = (m_old - m_s) - (mt_old - m_t)
-                acc_d = c_s * (acc_d + shift * s_old) + tl.sum(e_s * (d_s - d_t), 1)
-            if DIV == 2:
-                shift = (mt_old - m_t) - (m_old - m_s)
-                acc_d = c_t * (acc_d + shift * st_old) + tl.sum(e_t * (d_t - d_s), 1)
+        m_s, s_s, a_s, m_t, s_t, acc_d, z_y = fold_tile(z, zt, cols, y, m_s, s_s, a_s, m_t, s_t, acc_d,
+                                                        z_y, WITH_ENT, DIV)
     return m_s, s_s, a_s, m_t, s_t, acc_d, z_y
 
 
@@ -197,13 +186,7 @@ def _fwd_epilogue(acc, acc_t, b_ptr, tb_ptr, part_ptr, zy_ptr, zmax_ptr, rows, s
     if vi == n_vt - 1:
         _fwd_store(part_ptr, zy_ptr, rows, rows < N, split, n_splits, plane, y, v_lo, v_hi,
                    m_s, s_s, a_s, m_t, s_t, acc_d, z_y, WITH_ENT, DIV)
-        m_s = tl.full((BN,), NEG_BIG, tl.float32)
-        s_s = tl.zeros((BN,), tl.float32)
-        a_s = tl.zeros((BN,), tl.float32)
-        m_t = tl.full((BN,), NEG_BIG, tl.float32)
-        s_t = tl.zeros((BN,), tl.float32)
-        acc_d = tl.zeros((BN,), tl.float32)
-        z_y = tl.zeros((BN,), tl.float32)
+        m_s, s_s, a_s, m_t, s_t, acc_d, z_y = fresh_state(BN)
     return m_s, s_s, a_s, m_t, s_t, acc_d, z_y
 
 
@@ -236,13 +219,7 @@ def stats_fwd_hopper_kernel(h_src, w_src, th_src, tw_src, b_ptr, tb_ptr, y_ptr, 
     y = tl.zeros((BN,), tl.int64) - 1
     lse_s = tl.zeros((BN,), tl.float32)
     lse_t = tl.zeros((BN,), tl.float32)
-    m_s = tl.full((BN,), NEG_BIG, tl.float32)
-    s_s = tl.zeros((BN,), tl.float32)
-    a_s = tl.zeros((BN,), tl.float32)
-    m_t = tl.full((BN,), NEG_BIG, tl.float32)
-    s_t = tl.zeros((BN,), tl.float32)
-    acc_d = tl.zeros((BN,), tl.float32)
-    z_y = tl.zeros((BN,), tl.float32)
+    m_s, s_s, a_s, m_t, s_t, acc_d, z_y = fresh_state(BN)
     if DIV == 0:
         ks = tl.cdiv(H, BK)
         steps = n_vt * ks
@@ -289,46 +266,6 @@ def stats_fwd_hopper_kernel(h_src, w_src, th_src, tw_src, b_ptr, tb_ptr, y_ptr, 
 
 
 @triton.jit
-def _row(ptr, rows, row_ok, PRESENT: tl.constexpr):
-    if PRESENT:
-        return tl.load(ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    else:
-        return tl.zeros(rows.shape, tl.float32)
-
-
-@triton.jit
-def _dlogits(z, zt, cols, col_ok, rows, row_ok, y_ptr, lse_ptr, ent_ptr, tlse_ptr, aux_ptr,
-             gl_ptr, ge_ptr, gd_ptr, inv_tau, beta, HAS_GL: tl.constexpr, HAS_GE: tl.constexpr,
-             HAS_GD: tl.constexpr, DIV: tl.constexpr):
-    """dL/dz [BN, BV] fp32 of one tile (formula of backward_kernels.dlogits_kernel), 0 outside."""
-    g_l = _row(gl_ptr, rows, row_ok, HAS_GL)
-    z = tl.where(col_ok[None, :], z, NEG_BIG)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    logp = z - lse[:, None]
-    p = tl.exp(logp)
-    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
-    dz = tl.where(cols[None, :] == y[:, None], g_l[:, None], 0.0) - p * g_l[:, None]
-    if HAS_GE:
-        g_e = _row(ge_ptr, rows, row_ok, HAS_GE)
-        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-        dz -= g_e[:, None] * p * (logp + ent[:, None])
-    if HAS_GD and DIV != 0:
-        g_d = _row(gd_ptr, rows, row_ok, HAS_GD)
-        zt = tl.where(col_ok[None, :], zt, NEG_BIG)
-        tlse = tl.load(tlse_ptr + rows, mask=row_ok, other=0.0)
-        if DIV == 1:
-            aux = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
-            dz += g_d[:, None] * p * (logp - (zt - tlse[:, None]) - aux[:, None])
-        if DIV == 2:
-            dz += g_d[:, None] * (p - tl.exp(zt - tlse[:, None]))
-        if DIV == 3:
-            aux = tl.load(aux_ptr + rows, mask=row_ok, other=0.0)
-            lp, lq, log_m, p2, q = jsd_terms(z, zt, lse, tlse, beta)
-            dz += (g_d * (1.0 - beta))[:, None] * p * (lp - log_m - aux[:, None])
-    return tl.where(row_ok[:, None] & col_ok[None, :], dz * inv_tau, 0.0)
-
-
-@triton.jit
 def _store_dz(dz_ptr, dbp_ptr, dz, rows, row_ok, cols, col_ok, pid_n, v_lo, ld_dz,
               WRITE_DB: tl.constexpr, UPCAST: tl.constexpr):
     local = cols - v_lo
@@ -353,7 +290,7 @@ def _bwd_epilogue(acc, acc_t, b_ptr, tb_ptr, y_ptr, lse_ptr, ent_ptr, tlse_ptr, 
     zt = z
     if TEACHER:
         zt = _logits(acc_t, tb_ptr, cols, v_hi, inv_tau, HAS_TBIAS)
-    dz = _dlogits(z, zt, cols, col_ok, rows, row_ok, y_ptr, lse_ptr, ent_ptr, tlse_ptr, aux_ptr,
+    dz = tile_dlogits(z, zt, cols, col_ok, rows, row_ok, y_ptr, lse_ptr, ent_ptr, tlse_ptr, aux_ptr,
                   gl_ptr, ge_ptr, gd_ptr, inv_tau, beta, HAS_GL, HAS_GE, HAS_GD, DIV)
     _store_dz(dz_ptr, dbp_ptr, dz, rows, row_ok, cols, col_ok, pid_n, v_lo, ld_dz, WRITE_DB, UPCAST)
 

@@ -147,6 +147,33 @@ def determinism_check(path: str, n: int, h: int, v: int, device: str) -> dict:
             "errors (err/bound)": {k: "equal" if s else "DIFFERS" for k, s in same.items()}}
 
 
+def inplace_dz_check(c: int, v: int, dtype: torch.dtype, div: int, device: str) -> dict:
+    """The 3-pass path's row kernel writing 16-bit dL/dz over its own fp32 logits rows (aliased,
+    warps racing on a GPU: the debug_barrier must order them) equals the same kernel writing to a
+    separate buffer, bit for bit. The interpreter runs a block's loads before its stores, so only a
+    GPU run can fail this."""
+    from sdar_kernels.triton_backend import rows
+
+    g = torch.Generator(device="cpu").manual_seed(7)
+    z = (torch.randn(c, v, generator=g) * 4).to(device)
+    zt = (torch.randn(c, v, generator=g) * 4).to(device) if div else None
+    y = torch.randint(0, v, (c,), generator=g).to(device)
+    grads = [torch.randn(c, generator=g).to(device) for _ in range(3)]
+    config = rows.row_config(v, bool(div))
+    st = torch.empty((8, c), device=device)
+    rows.row_stats_kernel[(c,)](z, zt if div else z, z, z, y, st, v, v, c, 1.0, 0.5, BV=config.block_v,
+                                HAS_BIAS=False, HAS_TBIAS=False, DIV=div, **config.launch())
+    separate = torch.empty((c, v), device=device, dtype=dtype)
+    rows.launch_dlogits(z, zt, None, None, y, st, *grads[:2], grads[2] if div else None, separate, div,
+                        1.0, 0.5, config, aliased=False)
+    buf = z.clone()
+    rows.launch_dlogits(buf, zt, None, None, y, st, *grads[:2], grads[2] if div else None,
+                        buf.view(dtype), div, 1.0, 0.5, config, aliased=True)
+    same = bool(torch.equal(buf.view(dtype)[:, :v], separate))
+    return {"case": f"in-place dz C={c} V={v} {str(dtype)[6:]} div={div}", "ok": same,
+            "errors (err/bound)": {"dz": "equal" if same else "DIFFERS"}}
+
+
 # ----------------------------------------------------------------------------- driver
 def plan(quick: bool) -> list[tuple[str, Callable[[str], dict]]]:
     """(label, fn(device) -> row) in run order: stats, public loss per path, determinism."""
@@ -171,6 +198,10 @@ def plan(quick: bool) -> list[tuple[str, Callable[[str], dict]]]:
     for path in PATHS:
         out.append((f"determinism {path} N={det[0]} H={det[1]} V={det[2]} bf16",
                     lambda d, a=(path, *det): determinism_check(*a, d)))
+    c, v = (9, 300) if quick else (64, 151936)
+    for dt, div in ((bf, 0), (torch.float16, 1), (bf, 3)):
+        out.append((f"in-place dz C={c} V={v} {str(dt)[6:]} div={div}",
+                    lambda d, a=(c, v, dt, div): inplace_dz_check(*a, d)))
     return out
 
 

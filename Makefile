@@ -14,6 +14,8 @@ SDAR_COMPILE_GATE ?= full
 
 .PHONY: install demo test bench clean-venv
 
+# `make` installs the `sdar` command into $(VENV)/bin, which is not on PATH: call .venv/bin/sdar,
+# or `source .venv/bin/activate` once per shell and then `sdar ...`.
 install: $(STAMP)
 
 $(STAMP): setup.py $(REQS)

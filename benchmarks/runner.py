@@ -99,12 +99,12 @@ def add_ratios(rows: list[dict], baseline: str = "naive") -> list[dict]:
 def run_cases(cases: Iterable[Case], warmup: int, repeats: int, progress: bool = True,
               timeout_s: float = 900) -> list[dict]:
     """Every case in order (cases of one shape should be adjacent: back-to-back ratios)."""
-    from tqdm import tqdm
+    from sdar_engine.progress import progress as progress_bar
 
     cases = list(cases)
     budget = memory_budget()
     rows = []
-    bar = tqdm(cases, desc="bench", unit="case", disable=not progress)
+    bar = progress_bar(cases, desc="bench", unit="case", disable=not progress)
     for case in bar:
         bar.set_postfix_str(case.label)
         w = warmup if case.n * case.v < 2**28 or case.device != "cpu" else 0  # huge CPU cases: 1 cold call

@@ -28,7 +28,8 @@ class StepBatch:
     adv: advantage inputs of all samples in global order; counts[r]: samples of rank r;
     outcomes: the episodes of all ranks (a sample-less Rollout, for metrics); episodes_by_rank:
     the episode numbers each rank played; records: one dict per sample (episode, step, task,
-    action, reward, rank) when asked for, else None.
+    action, reward, rank) when asked for, else None. A sample is one env step, or one episode
+    under ``algo.sample_mode: trajectory`` (then its action is the list of the episode's actions).
     """
 
     adv: AdvantageInput
@@ -59,7 +60,7 @@ def _part(ro: Rollout, with_records: bool) -> dict[str, Any]:
     part.update(rewards=list(ro.rewards), step_rewards=list(ro.step_rewards), anchors=list(ro.anchors),
                 groups=[s.group for s in ro.samples], episodes=[s.episode for s in ro.samples],
                 steps=[s.step for s in ro.samples], invalid_steps=ro.invalid_steps, gen_tokens=ro.gen_tokens,
-                gen_seconds=ro.gen_seconds, env_seconds=ro.env_seconds, rank=rank(),
+                gen_seconds=ro.gen_seconds, env_seconds=ro.env_seconds, rank=rank(), context_cut=ro.context_cut,
                 tokens=sum(len(s.prompt_ids) + len(s.response_ids) for s in ro.samples))
     if with_records:
         part["records"] = [{"episode": s.episode, "step": s.step, "task": s.meta.get("task"),
@@ -75,6 +76,7 @@ def merge_outcomes(parts: list[dict[str, Any]]) -> Rollout:
         setattr(out, key, [x for p in parts for x in p[key]])
     out.invalid_steps = sum(p["invalid_steps"] for p in parts)
     out.gen_tokens = sum(p["gen_tokens"] for p in parts)
+    out.context_cut = sum(p.get("context_cut", 0) for p in parts)
     out.gen_seconds = max(p["gen_seconds"] for p in parts)
     out.env_seconds = max(p["env_seconds"] for p in parts)
     return out

@@ -25,6 +25,7 @@ METHODS = ("grpo", "sdar", "grpo_opsd", "opsd", "skill_sd", "rlsd")
 ADVANTAGES = ("grpo", "drgrpo", "gigpo")
 ENV_NAMES = ("alfworld", "webshop", "searchqa")
 BACKENDS = ("hf", "vllm")
+SAMPLE_MODES = ("step", "trajectory")  # algo.sample_mode: one sample per env step, or per episode
 # model.dtype / model.attn choices live in model.py (DTYPES, ATTNS), train.device's in distributed.py
 PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -90,6 +91,14 @@ class AlgoConfig:
     ppo_mini_batch_size: int = 0     # step samples per optimizer step (all ranks); 0 = the whole batch
     ppo_epochs: int = 1              # passes over the step's samples (each pass: its mini-batches)
     rlsd_decay_steps: int = 0        # RLSD weight -> 0 linearly over this many steps; 0 = train.steps
+    # Memory guard (docs/memory_levers.md): > 0 measures the update's per-token memory with a probe
+    # at start-up and lowers the micro-batch budget (max_tokens stays its ceiling) so one
+    # micro-batch's peak fits this many GiB (CUDA: allocated; CPU: process RSS). 0 = off.
+    max_memory_gb: float = 0.0
+    # "step": one sample per env step (prompt with a history window + response); "trajectory": one
+    # per episode, all turns as one growing conversation, observations masked from the loss
+    # (docs/trajectory_samples.md). ppo_mini_batch_size then counts episodes.
+    sample_mode: str = "step"
 
 
 @dataclass
@@ -119,6 +128,7 @@ class WarmstartConfig:
     max_tokens: int = 4096
     batch_samples: int = 32          # step samples per optimizer step
     noise: float = 0.0               # DART: P(an expert step executes a random action instead)
+    teacher_prompts: bool = False    # also train on the skill-prefixed (teacher) prompt of each step
 
 
 @dataclass
@@ -142,7 +152,7 @@ class TrainConfig:
 CHOICES: dict[str, tuple] = {
     "env.name": ENV_NAMES, "env.retrieval": RETRIEVALS, "rollout.backend": BACKENDS,
     "algo.method": METHODS, "algo.advantage": ADVANTAGES, "train.device": DEVICES,
-    "env.prompt_style": PROMPT_STYLES, "env.expert_think": THINK_STYLES,
+    "env.prompt_style": PROMPT_STYLES, "env.expert_think": THINK_STYLES, "algo.sample_mode": SAMPLE_MODES,
 }
 POSITIVE = ("env.tasks_per_step", "env.group_size", "rollout.max_new_tokens",
             "rollout.max_prompt_tokens", "algo.max_tokens", "algo.ppo_epochs",
@@ -257,11 +267,15 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
         value = _get(cfg, key)
         if not 0 < value <= (1.0 if key.endswith("top_p") else 100.0):
             _fail(key, value, "in (0, 1]" if key.endswith("top_p") else "a number > 0")
+    if not isinstance(cfg.warmstart.teacher_prompts, bool):
+        _fail("warmstart.teacher_prompts", cfg.warmstart.teacher_prompts, "true or false")
     if not 0.0 <= cfg.warmstart.noise < 1.0:
         _fail("warmstart.noise", cfg.warmstart.noise, "a probability in [0, 1)")
     if not 0.0 <= cfg.algo.gamma <= 1.0:
         _fail("algo.gamma", cfg.algo.gamma, "a number in [0, 1]")
     _validate_vllm(cfg)
+    _validate_memory_levers(cfg)
+    _validate_sample_mode(cfg)
     try:
         loss_config_for(cfg, 0)
     except ValueError as err:
@@ -269,6 +283,24 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
     if check_paths:
         check_model_dir(cfg.model)
     return cfg
+
+
+def _validate_sample_mode(cfg: TrainConfig) -> None:
+    """Trajectory samples have no per-step anchors: GiGPO's step groups do not exist."""
+    if cfg.algo.sample_mode == "trajectory" and cfg.algo.advantage == "gigpo":
+        raise ValueError("config algo.advantage='gigpo' is invalid with algo.sample_mode='trajectory': "
+                         "GiGPO needs one sample per env step; use algo.advantage grpo or drgrpo, or "
+                         "algo.sample_mode step")
+
+
+def _validate_memory_levers(cfg: TrainConfig) -> None:
+    """Offload levers need a GPU to offload from; the guard needs a non-negative cap."""
+    if cfg.algo.max_memory_gb < 0:
+        _fail("algo.max_memory_gb", cfg.algo.max_memory_gb, "0 (off) or a number of GiB > 0")
+    for key in ("model.activation_offload", "model.fsdp_cpu_offload"):
+        if _get(cfg, key) and cfg.train.device == "cpu":
+            raise ValueError(f"config {key}=true is invalid with train.device='cpu': on the CPU tensors already "
+                             f"live in host memory; set {key}=false or train.device to auto / cuda")
 
 
 def _validate_vllm(cfg: TrainConfig) -> None:

@@ -29,7 +29,7 @@ def collect_expert(cfg: TrainConfig, env: Any) -> tuple[list, float]:
     tasks = draw_tasks(env.task_ids, n, cfg.train.seed, -1)
     t0 = time.perf_counter()
     steps, success = play_expert(env, tasks, max_turns=cfg.rollout.max_turns, noise=cfg.warmstart.noise,
-                                 seed=cfg.train.seed)
+                                 seed=cfg.train.seed, retrieval=cfg.env.retrieval)
     log.info("expert: %d episodes, %d steps, success %.2f with noise %.2f (%.1fs)", n, len(steps), success,
              cfg.warmstart.noise, time.perf_counter() - t0)
     return steps, success
@@ -57,14 +57,15 @@ def warm_start(cfg: TrainConfig, run_dir: Path, steps: list, expert_success: flo
 
     ws = cfg.warmstart
     model, tokenizer = load_policy(cfg.model, resolve_device(cfg.train.device))
-    samples = expert_samples(steps, tokenizer, cfg.rollout.max_prompt_tokens)
+    samples = expert_samples(steps, tokenizer, cfg.rollout.max_prompt_tokens, teacher_prompts=ws.teacher_prompts)
     t0 = time.perf_counter()
     losses = supervised_warmstart(model, samples, epochs=ws.epochs, lr=ws.lr, max_tokens=ws.max_tokens,
                                   batch_samples=ws.batch_samples, seed=cfg.train.seed)
     out = run_dir / "model_warmstart"
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    info = {"expert_success": expert_success, "samples": len(samples), "optimizer_steps": len(losses),
+    info = {"expert_success": expert_success, "samples": len(samples), "teacher_prompts": ws.teacher_prompts,
+            "optimizer_steps": len(losses),
             "nll_first": losses[0], "nll_last": losses[-1], "seconds": time.perf_counter() - t0,
             "response_tokens": sum(len(s.response_ids) for s in samples),
             "prompt_tokens_mean": sum(len(s.prompt_ids) for s in samples) / len(samples)}
@@ -117,7 +118,9 @@ def run_demo(cfg: TrainConfig, output: str | None = None, compare: bool = False,
     warm_eval = _eval_only(warm, run_dir / "eval_warmstart", env, eval_env)
     summary["success_warmstart"] = warm_eval["eval/success"]
     print(f"[sdar demo] held-out success after warm-start: {summary['success_warmstart']:.3f}", flush=True)
-    for method in (["grpo", "sdar"] if compare else [cfg.algo.method]):
+    summary["teacher_probe"] = _probe(warm, run_dir, env, eval_env, summary["success_warmstart"])
+    summary["rl_methods"] = ["grpo", "sdar"] if compare else [cfg.algo.method]  # run order
+    for method in summary["rl_methods"]:
         c0 = time.process_time()
         last = _rl(warm, method, run_dir, env, eval_env, warm_eval)
         summary[f"rl_cpu_seconds_{method}"] = time.process_time() - c0
@@ -128,9 +131,22 @@ def run_demo(cfg: TrainConfig, output: str | None = None, compare: bool = False,
               f"{summary[f'success_after_{method}']:.3f}", flush=True)
     summary["total_seconds"] = time.perf_counter() - t_start
     summary["main_process_cpu_seconds"] = time.process_time() - c_start  # load-independent cost
+    summary["outputs"] = output_paths(run_dir, summary["rl_methods"])
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
     return summary
+
+
+def _probe(cfg: TrainConfig, run_dir: Path, env: Any, eval_env: Any, student_success: float) -> dict[str, float]:
+    """``probe_teacher`` on the warm-started weights (their greedy eval reused), to teacher_probe.json."""
+    from sdar_engine.teacher_probe import probe_teacher
+
+    probe = probe_teacher(cfg, None, env, eval_env, student_success=student_success)
+    (run_dir / "teacher_probe.json").write_text(json.dumps(probe, indent=2))
+    print(f"[sdar demo] teacher probe before RL: student {probe['student_success']:.3f}, teacher with skills "
+          f"{probe['teacher_success']:.3f}, gap_mean_expert {probe['gap_mean_expert']:+.4f} nats/token, "
+          f"gate_mean_expert {probe['gate_mean_expert']:.3f}", flush=True)
+    return probe
 
 
 def _eval_only(cfg: TrainConfig, run_dir: Path, env: Any, eval_env: Any) -> dict[str, float]:
@@ -141,12 +157,33 @@ def _eval_only(cfg: TrainConfig, run_dir: Path, env: Any, eval_env: Any) -> dict
     return metrics
 
 
+def output_paths(run_dir: Path, methods: list[str]) -> dict[str, str]:
+    """What a user opens after the demo, by label, for the files that exist (run order)."""
+    paths = {"summary": run_dir / "summary.json", "config": run_dir / "config.json",
+             "warm-start model": run_dir / "model_warmstart", "warm-start stats": run_dir / "warmstart.json"}
+    for m in methods:
+        paths.update({f"{m} curves": run_dir / m / "curves.png", f"{m} metrics": run_dir / m / "metrics.jsonl",
+                      f"{m} checkpoints": run_dir / m / "checkpoints"})
+    return {label: str(p) for label, p in paths.items() if p.exists() or label == "summary"}  # written last
+
+
+def success_keys(summary: dict[str, Any]) -> list[str]:
+    """The ``success_*`` keys in run order: untrained, warm-start, then each RL method as it ran."""
+    order = ["success_untrained", "success_warmstart"]
+    order += [f"success_after_{m}" for m in summary.get("rl_methods", [])]
+    order += [k for k in summary if k.startswith("success_") and k not in order]  # anything else, as inserted
+    return [k for k in order if k in summary]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """The closing lines: run dir, time, and each stage's success with its win count."""
+    """The closing lines: run dir, time, each stage's success with its win count (run order),
+    and the path of every output a user wants (``summary["outputs"]``)."""
     n = int(summary["eval_tasks"])
     lines = [f"[sdar demo] run dir: {summary['run_dir']}  ({summary['total_seconds'] / 60:.1f} min wall, "
              f"{summary['main_process_cpu_seconds'] / 60:.1f} min CPU in the main process)",
              f"[sdar demo] held-out {summary['env']} success over {n} games:"]
-    for key in sorted(k for k in summary if k.startswith("success_")):
+    for key in success_keys(summary):
         lines.append(f"[sdar demo]   {key[len('success_'):]:<16} {summary[key]:.3f}  ({round(summary[key] * n)}/{n} won)")
+    for label, path in summary.get("outputs", {}).items():
+        lines.append(f"[sdar demo] {label + ':':<20} {path}")
     return "\n".join(lines)

@@ -29,12 +29,14 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+def init_distributed(device: str = "auto", cpu_offload: bool = False) -> tuple[int, int, torch.device]:
     """(rank, world, device) for ``train.device`` (auto / cpu / cuda).
 
     Under torchrun (WORLD_SIZE > 1) join the process group once: nccl with
     ``set_device(LOCAL_RANK)`` on GPUs, gloo on CPUs. Without torchrun: (0, 1, cuda or cpu) and
-    no process group. Idempotent.
+    no process group. Idempotent. ``cpu_offload`` (``model.fsdp_cpu_offload``) on GPUs adds a
+    gloo backend for host tensors ("cuda:nccl,cpu:gloo"): gradient clipping and full state dicts
+    reduce the offloaded shards where they live.
     """
     if device not in DEVICES:
         raise ValueError(f"config train.device={device!r} is invalid; valid: one of {', '.join(DEVICES)}")
@@ -51,20 +53,25 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend=("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if cuda else "gloo")
         log.info("rank %d/%d on %s (%s)", dist.get_rank(), world, dev, dist.get_backend())
     return dist.get_rank(), world, dev
 
 
 def _decoder_layers(model: Any) -> list:
-    layers = getattr(getattr(model, "base_model", model), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no base_model.layers to shard; "
-                         "expected a Llama/Qwen-style decoder")
-    return list(layers)
+    from .model import decoder_layers
+
+    return decoder_layers(model)
 
 
-def wrap_fsdp(model: Any) -> Any:
+def offload_policy(device_type: str) -> Any:
+    """FSDP2's CPUOffloadPolicy: pinned host memory on CUDA (pinning needs an accelerator)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return CPUOffloadPolicy(pin_memory=device_type == "cuda")
+
+
+def wrap_fsdp(model: Any, cpu_offload: bool | None = None) -> Any:
     """Shard ``model`` with FSDP2: ``fully_shard`` each decoder layer, then the root.
 
     Mixed precision: parameters (and the optimizer state built on them) stay float32; the
@@ -77,6 +84,13 @@ def wrap_fsdp(model: Any) -> Any:
     ``sdar_head_forward`` is registered as a forward so the root's parameters (embedding, norm,
     lm_head) are gathered for the fused loss. Build the optimizer after this call. A no-op
     returning ``model`` without a process group.
+
+    ``cpu_offload`` (default: the ``model.fsdp_cpu_offload`` that ``load_policy`` recorded)
+    passes FSDP2's ``CPUOffloadPolicy`` to every ``fully_shard``: sharded parameters, their
+    gradients and so the optimizer state live on the host, copied to the GPU per layer for
+    forward / backward, and the optimizer steps on the CPU. Raises ValueError without a process
+    group (FSDP2 needs one), or on GPUs without the host backend (``init_distributed(...,
+    cpu_offload=True)``). Activation checkpointing is applied before this call (``load_policy``).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -84,18 +98,34 @@ def wrap_fsdp(model: Any) -> Any:
     from .model import attach_head_forward, compute_dtype
 
     attach_head_forward(model)
+    offload = bool(getattr(model, "sdar_fsdp_cpu_offload", False) if cpu_offload is None else cpu_offload)
     if not is_distributed():
+        if offload:
+            raise ValueError("config model.fsdp_cpu_offload=true needs FSDP2, i.e. torchrun with more than one "
+                             f"rank (WORLD_SIZE={os.environ.get('WORLD_SIZE', '1')}); set model.fsdp_cpu_offload=false "
+                             "or launch with torchrun --nproc_per_node=N (N >= 2)")
         return model
     dtype = compute_dtype(model)
     mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
-    device_type = next(model.parameters()).device.type
+    device = next(model.parameters()).device
+    device_type = device.type
+    kwargs: dict[str, Any] = {"mp_policy": mp}
+    if offload:
+        if device_type == "cuda" and "gloo" not in str(dist.get_backend()):
+            raise ValueError("config model.fsdp_cpu_offload=true needs a host backend in the process group; "
+                             "initialize it with init_distributed(train.device, cpu_offload=True) "
+                             f"(backend now: {dist.get_backend()})")
+        kwargs["offload_policy"] = offload_policy(device_type)
+        model.sdar_compute_device = device  # shards move to the host; forward still runs here
     mesh = init_device_mesh(device_type, (world_size(),))
     for layer in _decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
     register_fsdp_forward_method(model, "sdar_head_forward")
-    log.info("FSDP2 fully_shard over %d ranks (%s, float32 parameters, %s compute, float32 reduction)",
-             world_size(), device_type, str(dtype).replace("torch.", ""))
+    log.info("FSDP2 fully_shard over %d ranks (%s, float32 parameters, %s compute, float32 reduction, "
+             "cpu_offload=%s)", world_size(), device_type, str(dtype).replace("torch.", ""), offload)
+    if offload and device_type != "cuda":
+        log.info("model.fsdp_cpu_offload on a CPU mesh: parameters already live in host memory (no saving)")
     return model
 
 
@@ -120,7 +150,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def collective_device() -> torch.device:
     """Where reduced tensors must live: the current GPU for nccl, the CPU for gloo (or no group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+    if dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -2,7 +2,8 @@
 
 Each pass packs the samples (the teacher pass packs teacher_prompt_ids + the same response),
 runs the trunk and the fused log-prob kernel (hidden states in, one number per token out) and
-stores per-sample [len(response)] tensors on the samples.
+stores per-sample [len(response)] tensors on the samples. The kernel reads the packed loss mask:
+tokens with mask 0 (a trajectory sample's observation turns) cost no FLOPs and store 0.
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ def default_row_tokens(model: Any) -> Optional[int]:
 
 
 def model_device(model: Any) -> torch.device:
-    """Device of the model's first parameter (the local shard's under FSDP)."""
-    p = next(model.parameters())
-    return p.device if not hasattr(p, "to_local") else p.to_local().device
+    """Where the model computes (``model.compute_device``: its GPU even with host-offloaded shards)."""
+    from .model import compute_device
+
+    return compute_device(model)
 
 
 def pack_for_ranks(model: Any, samples: Sequence[Sample], max_tokens: int, use_teacher_prompt: bool,

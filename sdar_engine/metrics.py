@@ -21,10 +21,40 @@ log = logging.getLogger("sdar.metrics")
 # Curves drawn by default (those present in the file); one panel each.
 PLOT_KEYS = ("reward", "success", "eval/success", "gate_mean", "gate_active", "gap_mean",
              "ref_kl", "entropy_mean", "clip_frac", "loss", "tokens_per_s")
+# Where an RL step's wall time goes, seconds of this process (rank 0 under torchrun), in step
+# order: rollout = prompt + teacher_prompt + gen + env + rollout_other (resets, decoding, sample
+# bookkeeping); then gather (all-gather + advantages), score_teacher, score_ref, old_logp (the
+# rollout weights' log-probs), update (the PPO optimizer passes), sync (weights to the
+# generator). time/step is the whole step.
+PHASE_KEYS = ("time/prompt", "time/teacher_prompt", "time/gen", "time/env", "time/rollout_other",
+              "time/gather", "time/score_teacher", "time/score_ref", "time/old_logp", "time/update",
+              "time/sync", "time/step")
 # Keys that measure the machine, not the run: excluded from exactness comparisons.
 TIMING_KEYS = ("time", "step_seconds", "tokens_per_s", "gen_tokens_per_s", "peak_mem_mb",
                "rollout_seconds", "update_seconds", "score_seconds", "env_seconds",
-               "eval/gen_tokens_per_s")
+               "eval/gen_tokens_per_s") + PHASE_KEYS
+
+
+def step_phase_seconds(ro: Any, rollout_seconds: float) -> dict[str, float]:
+    """The rollout's part of PHASE_KEYS from this process's ``Rollout`` (seconds)."""
+    parts = {"time/prompt": ro.prompt_seconds, "time/teacher_prompt": ro.teacher_prompt_seconds,
+             "time/gen": ro.gen_seconds, "time/env": ro.env_seconds}
+    parts["time/rollout_other"] = max(0.0, rollout_seconds - sum(parts.values()))
+    return parts
+
+
+def format_phases(rec: dict[str, Any]) -> str:
+    """``gen=1.23 env=0.40 ... step=3.10`` for the PHASE_KEYS present (seconds, 3 significant
+    digits), each with its share of the step, e.g. ``gen=1.23(40%)``."""
+    total = rec.get("time/step") or 0.0
+    parts = []
+    for key in PHASE_KEYS:
+        v = rec.get(key)
+        if v is None:
+            continue
+        share = f"({100 * v / total:.0f}%)" if total > 0 and key != "time/step" else ""
+        parts.append(f"{key[len('time/'):]}={v:.3g}{share}")
+    return " ".join(parts)
 
 
 def to_float(value: Any) -> float:

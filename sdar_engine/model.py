@@ -42,6 +42,12 @@ class ModelConfig:
     that param dtype and float32 gradient reduction). float16 has no loss scaling: prefer bfloat16.
     tiny_* fields size the tiny Qwen2 preset: hidden width, decoder layers, attention heads,
     key/value heads, MLP width (0 = 4 x hidden) and the tokenizer's vocabulary upper bound.
+
+    Memory levers (docs/memory_levers.md): ``grad_checkpointing`` recomputes every decoder layer
+    in backward (non-reentrant, applied before FSDP2 shards); ``activation_offload`` keeps the
+    update's saved activations in pinned host memory (``torch.autograd.graph.save_on_cpu``,
+    CUDA only); ``fsdp_cpu_offload`` keeps parameters, gradients and optimizer state on the host
+    between uses (FSDP2 ``CPUOffloadPolicy``; needs torchrun with more than one rank).
     """
 
     path: str | None = None
@@ -49,6 +55,8 @@ class ModelConfig:
     dtype: str = "float32"      # compute dtype; parameters stay float32 (see the module docstring)
     attn: str = "auto"
     grad_checkpointing: bool = False
+    activation_offload: bool = False
+    fsdp_cpu_offload: bool = False
     trust_remote_code: bool = False
     tiny_hidden: int = 128
     tiny_layers: int = 2
@@ -181,6 +189,8 @@ def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[A
     model.config.use_cache = False
     if cfg.grad_checkpointing:
         enable_checkpointing(model)
+    model.sdar_activation_offload = cfg.activation_offload  # read by memory_levers.activation_offload
+    model.sdar_fsdp_cpu_offload = cfg.fsdp_cpu_offload      # read by distributed.wrap_fsdp
     model.train()
     attach_head_forward(model)
     set_compute_dtype(model, DTYPES[cfg.dtype])
@@ -189,13 +199,52 @@ def load_policy(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[A
     return model, tokenizer
 
 
+def decoder_layers(model: Any) -> list:
+    """The decoder layers (``base_model.layers``): the unit of checkpointing and FSDP2 sharding."""
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no base_model.layers; expected a Llama/Qwen-style decoder")
+    return list(layers)
+
+
 def enable_checkpointing(model: Any) -> None:
-    """Recompute each decoder layer in backward (non-reentrant), whatever the transformers version."""
+    """Recompute each decoder layer in backward (non-reentrant), whatever the transformers version.
+
+    transformers' own switch is used where the model supports it (its layers flag
+    ``gradient_checkpointing``); any decoder layer left unflagged (remote-code models without
+    support) gets its ``forward`` wrapped in ``torch.utils.checkpoint`` here. Call before
+    ``wrap_fsdp``: FSDP2's hooks then stay outside the recomputed region.
+    """
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    try:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    except ValueError as err:  # "does not support gradient checkpointing"
+        log.info("transformers checkpointing unavailable for %s (%s); wrapping decoder layers",
+                 type(model).__name__, err)
+    wrapped = [_checkpoint_forward(layer) for layer in decoder_layers(model)
+               if not getattr(layer, "gradient_checkpointing", False)]
+    log.info("activation checkpointing on %d decoder layers (%d wrapped here, non-reentrant)",
+             len(decoder_layers(model)), len(wrapped))
+
+
+def _checkpoint_forward(layer: Any) -> Any:
+    """Wrap ``layer.forward`` (an instance attribute: module hooks stay outside) in a
+    non-reentrant checkpoint while training with grad enabled."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = layer.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if layer.training and torch.is_grad_enabled():
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return inner(*args, **kwargs)
+
+    layer.forward = forward
+    layer.sdar_checkpointed = True
+    return layer
 
 
 def trunk_hidden(model: Any, input_ids: Tensor, position_ids: Tensor) -> Tensor:
@@ -264,6 +313,16 @@ def compute_dtype(model: Any) -> torch.dtype:
     return dtype if dtype is not None else next(model.parameters()).dtype
 
 
+def compute_device(model: Any) -> torch.device:
+    """Where ``model`` computes: the device ``wrap_fsdp`` recorded (parameters offloaded to the
+    host still compute on the GPU), else that of the first parameter (its local shard)."""
+    device = getattr(model, "sdar_compute_device", None)
+    if device is not None:
+        return device
+    p = next(model.parameters())
+    return p.to_local().device if hasattr(p, "to_local") else p.device
+
+
 def compute_autocast(model: Any) -> Any:
     """The one autocast region of every forward of ``model``: none for float32 compute, else
     torch.autocast(device type, compute dtype). Rollout generation, the old / teacher / ref
@@ -271,6 +330,4 @@ def compute_autocast(model: Any) -> Any:
     dtype = compute_dtype(model)
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    p = next(model.parameters())
-    device = p.to_local().device if hasattr(p, "to_local") else p.device
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(compute_device(model).type, dtype=dtype)

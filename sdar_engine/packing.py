@@ -1,16 +1,19 @@
-"""Packing step samples into token-budget micro-batches of flat streams (no padding per sample).
+"""Packing samples into token-budget micro-batches of flat streams (no padding per sample).
 
 A sample is prompt + response. Its tokens are laid end to end in a row, positions restart at
 0 for every sample, and the target of position j is token j+1 of the same sample, so the
 hidden state at position j predicts token j+1 and the loss mask is 1 exactly where the target
-is a response token. Samples are partitioned over micro-batches with Karmarkar-Karp (largest
-differencing) on token counts; inside a micro-batch they fill rows of at most ``row_tokens``
-tokens first-fit-decreasing (on CPU, sdpa pays for a row squared, so several short rows beat
-one long stream; with flash-attn varlen one row per micro-batch is best: ``row_tokens=None``).
+is a response token the policy sampled (a trajectory sample's "response" is everything after
+its first prompt; its ``response_mask`` zeroes the observation turns in it). Samples are
+partitioned over micro-batches with Karmarkar-Karp (largest differencing) on token counts;
+inside a micro-batch they fill rows of at most ``row_tokens`` tokens first-fit-decreasing (on
+CPU, sdpa pays for a row squared, so several short rows beat one long stream; with flash-attn
+varlen one row per micro-batch is best: ``row_tokens=None``).
 """
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -18,15 +21,20 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+log = logging.getLogger("sdar_engine.packing")
 PER_TOKEN_FIELDS = ("old_logp", "teacher_logp", "ref_logp", "entropy")
 
 
 @dataclass
 class Sample:
-    """One environment step: the prompt the policy read and the response it sampled.
+    """One environment step (prompt the policy read + the response it sampled), or one whole
+    episode (``algo.sample_mode: trajectory``): first prompt + response 1 + observation turn 2 +
+    response 2 + ... as one conversation, ``response_ids`` holding everything after the first
+    prompt and ``response_mask`` [len(response_ids)] 1 on the policy's tokens, 0 on observations.
 
     Per-token tensors (old_logp, teacher_logp, ref_logp, entropy) are [len(response_ids)]
-    float32 on CPU once ``logprobs.score_samples`` filled them. ``meta`` is free-form.
+    float32 on CPU once ``logprobs.score_samples`` filled them (0 where the mask is 0).
+    ``response_mask`` None means every response token is the policy's. ``meta`` is free-form.
     """
 
     prompt_ids: list[int]
@@ -41,6 +49,12 @@ class Sample:
     ref_logp: Optional[Tensor] = None
     entropy: Optional[Tensor] = None
     meta: dict = field(default_factory=dict)
+    response_mask: Optional[list[int]] = None
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Response tokens the loss reads (the policy's; observation tokens excluded)."""
+        return len(self.response_ids) if self.response_mask is None else int(sum(self.response_mask))
 
     def context(self, use_teacher_prompt: bool) -> list[int]:
         """The prompt the stream starts with (teacher prompt when asked)."""
@@ -118,6 +132,12 @@ def _check_sample(i: int, s: Sample, use_teacher_prompt: bool) -> None:
         raise ValueError(f"samples[{i}] has an empty prompt; a response token needs a token before it")
     if len(s.response_ids) < 1:
         raise ValueError(f"samples[{i}] has an empty response_ids; drop it before packing")
+    if s.response_mask is not None:
+        if len(s.response_mask) != len(s.response_ids):
+            raise ValueError(f"samples[{i}].response_mask has {len(s.response_mask)} entries; its "
+                             f"response_ids has {len(s.response_ids)} (one 0/1 flag per token)")
+        if any(m not in (0, 1) for m in s.response_mask):
+            raise ValueError(f"samples[{i}].response_mask holds values other than 0 and 1")
 
 
 def karmarkar_karp(weights: Sequence[int], k: int) -> list[list[int]]:
@@ -176,7 +196,7 @@ def _build(samples: Sequence[Sample], index: list[int], use_teacher_prompt: bool
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     targets = torch.zeros(len(rows) * width, dtype=torch.long)
     seg = torch.zeros(len(rows) * width, dtype=torch.long)
-    order, slices = [], []
+    order, slices, masks = [], [], []
     for r, row in enumerate(rows):
         col = 0
         for i in row:
@@ -189,24 +209,27 @@ def _build(samples: Sequence[Sample], index: list[int], use_teacher_prompt: bool
             targets[flat:flat + n - 1] = torch.tensor(stream[1:], dtype=torch.long)
             seg[flat:flat + n] = len(order)
             slices.append(slice(flat + p - 1, flat + n - 1))
+            masks.append(s.response_mask)
             order.append(i)
             col += n
         if col < width:
             pos[r, col:] = torch.arange(pos[r, col - 1] + 1, pos[r, col - 1] + 1 + width - col)
     mask = torch.zeros(len(rows) * width)
-    for sl in slices:
-        mask[sl] = 1.0
+    for sl, m in zip(slices, masks):
+        mask[sl] = 1.0 if m is None else torch.tensor(m, dtype=mask.dtype)
     return MicroBatch(ids, pos, targets, mask, seg, order, slices, sum(lengths.values()))
 
 
 def pack(samples: Sequence[Sample], max_tokens: int, use_teacher_prompt: bool = False,
          row_tokens: Optional[int] = None, num_micro_batches: Optional[int] = None,
-         pad_id: int = 0) -> list[MicroBatch]:
+         pad_id: int = 0, budget_key: str = "algo.max_tokens") -> list[MicroBatch]:
     """Partition ``samples`` into micro-batches of at most ``max_tokens`` real tokens each.
 
     ``use_teacher_prompt`` packs teacher_prompt_ids + response instead of prompt + response.
     ``num_micro_batches`` forces at least that many (data-parallel ranks must agree; extra
-    ones may be empty). Every sample must fit in ``max_tokens``.
+    ones may be empty). A sample longer than ``max_tokens`` (it cannot be split) trains alone in
+    its own micro-batch, and a warning naming ``budget_key`` and its length says so: no
+    micro-batch of two or more samples ever exceeds the budget.
     """
     if not isinstance(max_tokens, int) or max_tokens < 2:
         raise ValueError(f"max_tokens={max_tokens!r} is invalid; expected an integer >= 2")
@@ -216,16 +239,20 @@ def pack(samples: Sequence[Sample], max_tokens: int, use_teacher_prompt: bool = 
     for i, s in enumerate(samples):
         _check_sample(i, s, use_teacher_prompt)
     lengths = [s.length(use_teacher_prompt) for s in samples]
-    if lengths and max(lengths) > max_tokens:
-        i = max(range(len(lengths)), key=lengths.__getitem__)
-        raise ValueError(f"samples[{i}] has {lengths[i]} tokens, more than max_tokens={max_tokens}; "
-                         "raise max_tokens or shorten prompts/responses")
-    k = max(1, math.ceil(sum(lengths) / max_tokens), num_micro_batches or 1)
-    while True:
-        parts = karmarkar_karp(lengths, k)
+    over = [i for i, n in enumerate(lengths) if n > max_tokens]
+    if over:
+        log.warning("%s=%d: %d sample(s) longer than the micro-batch budget (samples[%d] has %d tokens); "
+                    "each trains alone in its own over-budget micro-batch", budget_key, max_tokens, len(over),
+                    max(over, key=lengths.__getitem__), max(lengths[i] for i in over))
+    fit = [i for i, n in enumerate(lengths) if n <= max_tokens]
+    fit_len = [lengths[i] for i in fit]
+    k = max(1 if fit or not over else 0, math.ceil(sum(fit_len) / max_tokens), (num_micro_batches or 1) - len(over))
+    while k:
+        parts = [[fit[j] for j in part] for part in karmarkar_karp(fit_len, k)]
         if all(sum(lengths[i] for i in part) <= max_tokens for part in parts):
             break
         k += 1
+    parts = (parts if k else []) + [[i] for i in over]
     parts.sort(key=lambda part: (part[0] if part else len(samples)))  # deterministic, empties last
     return [_build(samples, part, use_teacher_prompt, row_tokens, pad_id) for part in parts]
 

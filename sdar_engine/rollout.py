@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from sdar_engine.packing import Sample
+from sdar_engine.progress import progress
+from sdar_engine.threads import GENERATION_THREADS, cpu_threads
 
 log = logging.getLogger("sdar.rollout")
 
@@ -130,6 +131,7 @@ class HFBackend:
                  gen_batch: int = 0) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.gen_batch = gen_batch
+        self.threads = GENERATION_THREADS if self.device.type == "cpu" else 0  # see sdar_engine/threads.py
         self.eos_ids = stop_token_ids(tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
@@ -172,7 +174,8 @@ class HFBackend:
             kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
         was_training = self.model.training
         self.model.eval()
-        with _plain_generation_config(self.model, self.eos_ids, self.pad_id), compute_autocast(self.model):
+        with _plain_generation_config(self.model, self.eos_ids, self.pad_id), compute_autocast(self.model), \
+                cpu_threads(self.threads):
             seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                        **kwargs)
         self.model.train(was_training)
@@ -220,6 +223,9 @@ class Rollout:
     gen_tokens: int = 0
     gen_seconds: float = 0.0
     env_seconds: float = 0.0
+    prompt_seconds: float = 0.0          # rendering + tokenizing the student prompts
+    teacher_prompt_seconds: float = 0.0  # the same for the skill-prefixed teacher prompts
+    context_cut: int = 0             # trajectory mode: episodes ended by the conversation cap
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Success overall and per task type, reward, episode length, invalid-action rate."""
@@ -227,7 +233,8 @@ class Rollout:
         out = {f"{prefix}success": sum(self.won) / n,
                f"{prefix}reward": sum(self.episode_rewards) / n,
                f"{prefix}episode_len": sum(self.episode_lengths) / n,
-               f"{prefix}invalid_rate": self.invalid_steps / max(1, len(self.samples) or sum(self.episode_lengths)),
+               f"{prefix}invalid_rate": self.invalid_steps / max(1, sum(self.episode_lengths) or len(self.samples)),
+               f"{prefix}context_cut_rate": self.context_cut / n,
                f"{prefix}gen_tokens_per_s": self.gen_tokens / max(self.gen_seconds, 1e-9)}
         by_type: dict[str, list[bool]] = defaultdict(list)
         for t, w in zip(self.task_types, self.won):
@@ -242,8 +249,9 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
                  max_prompt_tokens: int = 0, max_turns: int = 0, retrieval: str | None = None,
                  keep_samples: bool = True, stop: Sequence[str] | None = None,
                  desc: str = "rollout", episodes: Sequence[int] | None = None,
-                 seed: int | None = None) -> Rollout:
-    """Play episodes to the end; one Sample per live env step.
+                 seed: int | None = None, sample_mode: str = "step") -> Rollout:
+    """Play episodes to the end; one Sample per live env step (``sample_mode`` "step") or one
+    per episode, played as one growing conversation (``"trajectory"``: sdar_engine/trajectory.py).
 
     Episode e (0 <= e < len(task_ids) x group_size) is copy e % group_size of task
     task_ids[e // group_size]; ``episodes`` picks this caller's share (default: all), and the
@@ -252,18 +260,29 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
     the share. ``retrieval`` set: each sample also gets ``teacher_prompt_ids``. ``max_turns`` > 0
     cuts episodes early (an unfinished episode counts as not won).
     """
+    if sample_mode == "trajectory":
+        from sdar_engine.trajectory import run_trajectories  # noqa: PLC0415 (it imports us)
+
+        return run_trajectories(env, backend, tokenizer, task_ids=task_ids, group_size=group_size,
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                max_prompt_tokens=max_prompt_tokens, max_turns=max_turns, retrieval=retrieval,
+                                keep_samples=keep_samples, stop=stop, desc=desc, episodes=episodes, seed=seed)
+    if sample_mode != "step":
+        raise ValueError(f"sample_mode={sample_mode!r} is invalid; valid choices: step, trajectory")
     eps = sorted(range(len(task_ids) * group_size) if episodes is None else episodes)
     if eps and not 0 <= eps[0] <= eps[-1] < len(task_ids) * group_size:
         raise ValueError(f"episodes {eps[0]}..{eps[-1]} are out of range for {len(task_ids)} tasks x "
                          f"{group_size} copies")
+    t_reset = time.perf_counter()
     obs, infos = env.reset(batch_size=len(eps), group_size=1, task_ids=[task_ids[e // group_size] for e in eps])
+    t_reset = time.perf_counter() - t_reset
     n = len(obs)
     done = [False] * n
     ep_reward, ep_len = [0.0] * n, [0] * n
     per_env: list[list[tuple[int, float]]] = [[] for _ in range(n)]  # (sample idx, penalty)
-    ro = Rollout()
+    ro = Rollout(env_seconds=t_reset)
     turn = 0
-    bar = tqdm(desc=desc, unit="turn", leave=False, total=max_turns or None)
+    bar = progress(desc=desc, unit="turn", nested=True, total=max_turns or None)
     while not all(done) and (max_turns <= 0 or turn < max_turns):
         live = [i for i in range(n) if not done[i]]
         bar.update(1)
@@ -271,10 +290,14 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
         from sdar_engine.prompt_fit import student_prompt_ids  # noqa: PLC0415 (both import us)
         from sdar_engine.teacher import teacher_prompt_ids  # noqa: PLC0415
 
+        t0 = time.perf_counter()
         prompts = student_prompt_ids(env, tokenizer, live, max_prompt_tokens)  # history goes first at the cap
+        t1 = time.perf_counter()
         teachers = (teacher_prompt_ids(env, tokenizer, live, retrieval, max_prompt_tokens)
                     if retrieval and keep_samples else [None] * len(live))
+        ro.prompt_seconds += t1 - t0
         t0 = time.perf_counter()
+        ro.teacher_prompt_seconds += t0 - t1
         seeds = None if seed is None else [sampling_seed(seed, eps[i], turn) for i in live]
         responses = backend.generate(prompts, max_new_tokens, temperature, top_p, stop, seeds=seeds)
         ro.gen_seconds += time.perf_counter() - t0

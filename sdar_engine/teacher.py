@@ -6,6 +6,11 @@ template); its log-probs of the student's sampled response tokens come from the 
 that generated them, under no_grad, through the fused log-prob kernel (ENGINE-CORE's
 ``score_samples(which="teacher")``). Under ``rollout.max_prompt_tokens`` the teacher prompt
 loses history records, never its skills or the current observation (``prompt_fit``).
+
+Trajectory samples (``algo.sample_mode: trajectory``) carry the teacher prompt of turn 0 only:
+the teacher sequence is that skill-prefixed first prompt + the student's whole ``response_ids``
+(every later turn, observations included, identical), scored by the same fused kernel; the
+observation tokens are masked there as in the student pass.
 """
 from __future__ import annotations
 

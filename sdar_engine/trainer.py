@@ -30,14 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from sdar_engine.advantages import AdvantageInput, compute_advantages
 from sdar_engine.batch import StepBatch, gather_outcomes, gather_step
 from sdar_engine.config import TrainConfig
 from sdar_engine.distributed import (barrier, broadcast_object, full_state_dict, gather_objects,
                                      init_distributed, is_distributed, params_fingerprint, shard)
-from sdar_engine.metrics import MetricsLogger, format_metrics, peak_memory_mb, plot_metrics
+from sdar_engine.metrics import (MetricsLogger, format_metrics, format_phases, peak_memory_mb, plot_metrics,
+                                 step_phase_seconds)
+from sdar_engine.progress import progress, quiet_library_bars
 from sdar_engine.rollout import HFBackend, Rollout, run_episodes, sampling_seed
 
 log = logging.getLogger("sdar.trainer")
@@ -107,7 +108,8 @@ class Trainer:
             raise ValueError("config model.path is None: build the tiny model first "
                              "(sdar demo does) or point model.path at a local HF directory")
         self.cfg = cfg
-        self.rank, self.world, self.device = init_distributed(cfg.train.device)
+        quiet_library_bars()  # transformers' "Loading weights" bar, off a terminal
+        self.rank, self.world, self.device = init_distributed(cfg.train.device, cpu_offload=cfg.model.fsdp_cpu_offload)
         episodes = cfg.env.tasks_per_step * cfg.env.group_size
         if episodes < self.world:
             raise ValueError(f"config env.tasks_per_step x env.group_size = {episodes} episodes per step, fewer "
@@ -124,6 +126,9 @@ class Trainer:
         self.tokenizer.sdar_chat_kwargs = dict(cfg.rollout.chat_template_kwargs)
         self.ref_model = self._reference() if cfg.loss_config(0).kl_coef > 0 else None
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.optim)
+        from sdar_engine.memory_levers import token_budget  # algo.max_tokens, or the memory guard's pick
+
+        self.max_tokens = token_budget(self.model, self.optimizer, cfg)
         self.backend = make_backend(cfg, self.replica if self.replica is not None else self.model,
                                     self.tokenizer, self.device)
         self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.train.tensorboard, enabled=self.rank == 0)
@@ -199,7 +204,8 @@ class Trainer:
                             temperature=r.temperature, top_p=r.top_p,
                             max_prompt_tokens=r.max_prompt_tokens, max_turns=r.max_turns,
                             retrieval=cfg.env.retrieval if uses_teacher else None, episodes=mine,
-                            seed=sampling_seed("rollout", cfg.train.seed, step), desc=f"rollout r{self.rank}")
+                            seed=sampling_seed("rollout", cfg.train.seed, step), desc=f"rollout r{self.rank}",
+                            sample_mode=cfg.algo.sample_mode)
 
     def advantages(self, inp: AdvantageInput) -> list[float]:
         """Advantages of every sample of the step (all ranks), in global order."""
@@ -207,17 +213,21 @@ class Trainer:
         return compute_advantages(a.advantage, inp, eps=a.adv_eps, step_advantage_w=a.step_advantage_w,
                                   gamma=a.gamma)
 
-    def score(self, samples: list, loss_cfg: Any) -> None:
-        """teacher (rollout weights, skill prompt) and ref (frozen) log-probs, no grad. The old
-        log-probs come in ``update``, packed like the mini-batches they serve."""
+    def score(self, samples: list, loss_cfg: Any) -> dict[str, float]:
+        """teacher (rollout weights, skill prompt) and ref (frozen) log-probs, no grad; returns the
+        seconds of each pass. The old log-probs come in ``update``, packed like the mini-batches
+        they serve."""
+        t0 = time.perf_counter()
         from sdar_engine.logprobs import score_samples
         from sdar_engine.teacher import score_teacher
 
-        max_tokens, temp = self.cfg.algo.max_tokens, loss_cfg.temperature
+        max_tokens, temp = self.max_tokens, loss_cfg.temperature
         if loss_cfg.uses_teacher:
             score_teacher(self.model, samples, max_tokens, temp)
+        t1 = time.perf_counter()
         if self.ref_model is not None:
             score_samples(self.ref_model, samples, max_tokens, which="ref", temperature=temp)
+        return {"time/score_teacher": t1 - t0, "time/score_ref": time.perf_counter() - t1}
 
     def update(self, samples: list, batch: StepBatch, loss_cfg: Any, step: int) -> dict[str, float]:
         """``algo.ppo_epochs`` x ceil(N / ``algo.ppo_mini_batch_size``) optimizer steps, the
@@ -228,7 +238,7 @@ class Trainer:
         plan = mini_batch_plan(batch.num_samples, a.ppo_mini_batch_size, a.ppo_epochs,
                                seed=sampling_seed("ppo", self.cfg.train.seed, step))
         return ppo_update(self.model, self.optimizer, samples, loss_cfg, local_plan(plan, batch.mine()),
-                          a.max_tokens, self.cfg.optim.grad_clip, ref_model=self.ref_model,
+                          self.max_tokens, self.cfg.optim.grad_clip, ref_model=self.ref_model,
                           scheduler=self.scheduler)
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -252,11 +262,16 @@ class Trainer:
         advantages = self.advantages(batch.adv)
         for s, i in zip(ro.samples, batch.mine()):
             s.advantage = advantages[i]
-        self.score(ro.samples, loss_cfg)
+        t_score = time.perf_counter()
+        phases = self.score(ro.samples, loss_cfg)
         t2 = time.perf_counter()
         metrics.update(self.update(ro.samples, batch, loss_cfg, step))
+        t_sync = time.perf_counter()
         metrics.update(self._sync_rollout_weights())
         t3 = time.perf_counter()
+        phases.update({"time/gather": t_score - t1, "time/sync": t3 - t_sync, "time/step": t3 - t0,
+                       "time/update": t_sync - t2 - metrics.get("time/old_logp", 0.0)})
+        metrics.update(step_phase_seconds(ro, t1 - t0), **phases)
         metrics.update(score_seconds=t2 - t1, update_seconds=t3 - t2, step_seconds=t3 - t0,
                        rollout_tokens=batch.tokens, tokens_per_s=batch.tokens / max(t3 - t0, 1e-9),
                        adv_abs_mean=sum(abs(a) for a in advantages) / len(advantages),
@@ -287,7 +302,8 @@ class Trainer:
                               max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.eval_temperature,
                               top_p=1.0, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
                               max_turns=cfg.rollout.max_turns, keep_samples=False, desc="eval",
-                              episodes=mine, seed=sampling_seed("eval", cfg.train.seed))
+                              episodes=mine, seed=sampling_seed("eval", cfg.train.seed),
+                              sample_mode=cfg.algo.sample_mode)  # the policy plays as it was trained
         return gather_outcomes(ro).metrics(prefix)
 
     def save(self) -> str:
@@ -302,13 +318,14 @@ class Trainer:
         """Train to ``train.steps``; checkpoints, evals, plot. Returns the last record (+ eval)."""
         cfg = self.cfg.train
         last: dict[str, float] = {}
-        bar = tqdm(range(self.step, cfg.steps), desc=f"{self.cfg.algo.method} RL", unit="step",
+        bar = progress(range(self.step, cfg.steps), desc=f"{self.cfg.algo.method} RL", unit="step",
                    initial=self.step, total=cfg.steps, disable=self.rank != 0)
         for step in bar:
             metrics = self.train_step(step)
             self.step = step + 1
             last = self.logger.log(self.step, metrics)
             log.info("step %d %s", self.step, format_metrics(last, [k for k in SUMMARY_KEYS if k in last]))
+            log.info("step %d seconds %s", self.step, format_phases(last))
             bar.set_postfix(success=f"{last.get('success', 0):.2f}", reward=f"{last.get('reward', 0):.2f}")
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 log.info("checkpoint %s", self.save())

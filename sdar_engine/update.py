@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from typing import Any, Optional, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 from .distributed import (all_reduce_max, all_reduce_max_, all_reduce_sum, collective_device, grad_scale,
                           is_distributed)
 from .logprobs import default_row_tokens, model_device, pack_for_ranks, score_samples
+from .memory_levers import activation_offload
 from .model import head_forward
 from .packing import MicroBatch, Sample, describe, pack_like
 
@@ -61,11 +63,11 @@ def global_normalizer(samples: Sequence[Sample], agg: str, loss_scale_factor: Op
     """The loss denominator over all ranks: tokens (token-mean), sequences (seq-mean-*),
     or the longest response (seq-mean-token-sum-norm without loss_scale_factor)."""
     if agg == "token-mean":
-        local = [float(sum(len(s.response_ids) for s in samples))]
+        local = [float(sum(s.num_loss_tokens for s in samples))]
     elif agg == "seq-mean-token-sum-norm":
         if loss_scale_factor is not None:
             return float(loss_scale_factor)
-        return float(all_reduce_max(max((len(s.response_ids) for s in samples), default=0)))
+        return float(all_reduce_max(max((s.num_loss_tokens for s in samples), default=0)))
     else:
         local = [float(len(samples))]
     t = torch.tensor(local, dtype=torch.float64, device=collective_device())
@@ -132,7 +134,8 @@ def _micro_step(model: Any, mb: MicroBatch, samples: Sequence[Sample], cfg: Any,
         stats = ratio_stats(out.logprobs, extra["old_logprobs"], mb_dev.loss_mask)
         return out.loss, {**out.metrics, **stats}
 
-    loss, metrics = head_forward(model, mb_dev.input_ids, mb_dev.position_ids, head)
+    with activation_offload(model):  # model.activation_offload: saved tensors wait in host memory
+        loss, metrics = head_forward(model, mb_dev.input_ids, mb_dev.position_ids, head)
     (loss * grad_scale()).backward()  # FSDP averages over ranks; the loss is already global
     return loss.detach(), metrics
 
@@ -244,11 +247,12 @@ def ppo_update(model: Any, optimizer: torch.optim.Optimizer, samples: Sequence[S
     """
     cfg = loss_config
     mbs = [[samples[i] for i in mb] for mb in plan[0]]
+    t_old = time.perf_counter()
     if _any_rank(any(s.old_logp is None for s in samples)):
         for chunk in mbs:  # a rank with no sample here still joins the pass (FSDP collectives)
             score_samples(model, chunk, max_tokens, "old", cfg.temperature, row_tokens=row_tokens)
     sums: dict[str, float] = {}
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"time/old_logp": time.perf_counter() - t_old}
     steps = 0
     for e, epoch in enumerate(plan):
         for j, mb in enumerate(epoch):

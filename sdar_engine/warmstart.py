@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from sdar_engine.progress import progress
 
 from sdar_engine.packing import Sample, pack
 from sdar_engine.rollout import render_prompt_ids, stop_token_ids
@@ -52,7 +52,7 @@ def play_expert(env: Any, task_ids: Sequence[str], max_turns: int = 0, batch: in
     rng = random.Random(f"sdar-expert/{seed}")
     steps: list[ExpertStep] = []
     wins = 0
-    for start in tqdm(range(0, len(task_ids), batch), desc="expert episodes", unit="batch", leave=False):
+    for start in progress(range(0, len(task_ids), batch), desc="expert episodes", unit="batch"):
         chunk = list(task_ids[start:start + batch])
         _, infos = env.reset(batch_size=len(chunk), group_size=1, task_ids=chunk)
         done, turn = [False] * len(chunk), 0
@@ -93,12 +93,20 @@ def expert_corpus(steps: Sequence[ExpertStep]) -> list[str]:
     return [t for s in steps for t in (s.prompt, s.teacher, s.action)]
 
 
-def expert_samples(steps: Sequence[ExpertStep], tokenizer: Any, max_prompt_tokens: int = 0) -> list[Sample]:
-    """Tokenize expert steps: chat-rendered prompt -> action text + end-of-turn token."""
+def expert_samples(steps: Sequence[ExpertStep], tokenizer: Any, max_prompt_tokens: int = 0,
+                   teacher_prompts: bool = False) -> list[Sample]:
+    """Tokenize expert steps: chat-rendered prompt -> action text + end-of-turn token.
+
+    ``teacher_prompts``: each step gives a second sample, its skill-prefixed teacher prompt with
+    the same expert action (len(steps) student samples, then len(steps) teacher ones), so the
+    warm-started weights learn to read the skills the SDAR teacher is shown.
+    """
     eot = stop_token_ids(tokenizer)[0]
-    return [Sample(prompt_ids=render_prompt_ids(tokenizer, s.prompt, max_prompt_tokens),
+    prompts = [s.prompt for s in steps] + ([s.teacher for s in steps] if teacher_prompts else [])
+    chosen = list(steps) * (2 if teacher_prompts else 1)
+    return [Sample(prompt_ids=render_prompt_ids(tokenizer, text, max_prompt_tokens),
                    response_ids=tokenizer(s.action, add_special_tokens=False)["input_ids"] + [eot],
-                   group=s.episode, episode=s.episode, step=s.step) for s in steps]
+                   group=s.episode, episode=s.episode, step=s.step) for text, s in zip(prompts, chosen)]
 
 
 def nll_loss(model: Any, micro: Any, normalizer: float) -> torch.Tensor:
@@ -143,7 +151,7 @@ def supervised_warmstart(model: Any, samples: list[Sample], *, epochs: int, lr: 
     model.train()
     losses: list[float] = []
     t0, tokens = time.perf_counter(), 0
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False)
+    bar = progress(total=total, desc=desc, unit="step")
     for epoch in range(epochs):
         order = torch.randperm(len(samples), generator=gen).tolist()
         for b in range(steps_per_epoch):

@@ -11,7 +11,7 @@ import argparse
 import logging
 import time
 
-from tqdm import tqdm
+from sdar_engine.progress import progress as progress_bar
 
 from .catalog import ROOM_SIZES
 from .suite import build_suite
@@ -23,7 +23,7 @@ def pregenerate(seed: int = 0, num_train: int = 600, num_test: int = 120,
     suite = build_suite(seed=seed, num_train=num_train, num_test=num_test, room_size=room_size)
     ids = suite.task_ids("train") + suite.task_ids("test")
     start = time.perf_counter()
-    for task_id in tqdm(ids, desc="alfworld games", disable=not progress):
+    for task_id in progress_bar(ids, desc="alfworld games", disable=not progress):
         suite.game_file(task_id)
     total = time.perf_counter() - start
     return {"root": str(suite.root), "games": len(ids), "seconds": total,

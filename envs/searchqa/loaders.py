@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
+from sdar_engine.progress import progress
 
 _PROGRESS_BYTES = 50 * 2**20   # show a progress bar for files bigger than this
 
@@ -23,7 +23,7 @@ def _records(path: str | Path) -> Iterator[tuple[int, dict]]:
         raise ValueError(f"path={str(path)!r} is not a file")
     big = path.stat().st_size > _PROGRESS_BYTES
     with path.open(encoding="utf-8") as fh:
-        lines = tqdm(fh, desc=f"reading {path.name}", unit=" lines", disable=not big)
+        lines = progress(fh, desc=f"reading {path.name}", unit=" lines", disable=not big)
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue

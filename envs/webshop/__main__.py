@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from tqdm import tqdm
+from sdar_engine.progress import progress
 
 from . import build_suite, expert_policy, make_random_policy, run_episode, score_and_succ
 
@@ -58,7 +58,7 @@ def main() -> None:
         for seed in (args.seeds if name == "random" else [0]):
             policy = expert_policy if name == "expert" else make_random_policy(seed)
             rewards = [run_episode(suite.make_game(t), policy)
-                       for t in tqdm(ids, desc=f"{name}/{seed}", leave=False)]
+                       for t in progress(ids, desc=f"{name}/{seed}", nested=True)]
             score, succ = score_and_succ(rewards)
             print(f"webshop-eval split={args.split} policy={name} seed={seed} n={len(ids)} "
                   f"score={score:.1f} succ={succ:.1f}")

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from sdar_engine.progress import progress
 
 from ..cache import cache_root
 from .lexicon import (BRANDS, DEPARTMENTS, PRODUCT_TYPES, STYLE_WORDS, ProductType,
@@ -126,7 +126,7 @@ def generate_raw(seed: int, num_products: int) -> tuple[list[dict], dict[str, di
     rng = random.Random(f"webshop-catalogue/{seed}")
     types = all_product_types()
     items, ins, taken = [], {}, set()
-    for i in tqdm(range(num_products), desc="webshop catalogue", leave=False,
+    for i in progress(range(num_products), desc="webshop catalogue", nested=True,
                   disable=num_products < 5000):
         category, ptype = types[i % len(types)] if i < len(types) else rng.choice(types)
         brand, style = rng.choice(BRANDS), rng.choice(STYLE_WORDS)

@@ -125,8 +125,9 @@ def test_sdar_train_on_two_ranks_equals_one_rank_and_resumes_on_one(launched, mo
     assert rel <= 1e-5 and rel_update <= 1e-3, (rel, rel_update)
     # the 2-rank checkpoint: a single-process eval loads it, and a single-process resume continues
     ckpt3 = str(r2 / "checkpoints" / "step_00000003")
-    assert main(["eval", "--output", str(tmp / "ev"), "--tasks", "2"] + worker.train_args(tiny, "x")[3:]
-                + ["--set", f"model.path={ckpt3}"]) == 0
+    eval_args = worker.train_args(tiny, str(tmp / "ev"))
+    eval_args[0] = "eval"
+    assert main(eval_args + ["--tasks", "2", "--set", f"model.path={ckpt3}"]) == 0
     assert main(worker.train_args(tiny, str(r2), steps=4) + ["--resume"]) == 0
     assert main(worker.train_args(tiny, str(r1), steps=4) + ["--resume"]) == 0
     assert [r["step"] for r in _train_records(r2)] == [1, 2, 3, 4]

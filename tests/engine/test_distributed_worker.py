@@ -40,7 +40,7 @@ def train_args(tiny_dir: str, run_dir: str, steps: int = 3) -> list[str]:
             "optim.lr=0.001", f"train.steps={steps}", "train.save_every=3", "train.keep_checkpoints=4",
             "train.tensorboard=false", "train.plot=false", "train.device=cpu", "train.log_episodes=true",
             "env.eval_tasks=2"]
-    return ["train", "--output", run_dir] + [x for s in sets for x in ("--set", s)]
+    return ["train", "--config", "defaults", "--output", run_dir] + [x for s in sets for x in ("--set", s)]
 
 
 def fake_make_env(cfg, split):

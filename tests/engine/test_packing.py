@@ -92,8 +92,7 @@ def test_rows_cap_stream_length():
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="max_tokens=30"):
-        pack(_samples([(30, 5)]), 30)
+    # a sample over max_tokens trains alone with a warning: tests/engine/test_memory_levers.py
     with pytest.raises(ValueError, match="empty response_ids"):
         pack([Sample(prompt_ids=[1], response_ids=[])], 10)
     with pytest.raises(ValueError, match="teacher_prompt_ids is None"):

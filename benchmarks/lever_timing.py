@@ -1,6 +1,6 @@
 """Time and peak memory of one update step under each memory lever, side by side (one process).
 
-    python -m sdar_engine.lever_timing [--hidden 256 --layers 4 --tokens 4096 --repeats 3]
+    python -m benchmarks.lever_timing [--hidden 256 --layers 4 --tokens 4096 --repeats 3]
 
 Builds a small Qwen2 (the tiny preset, sized by the flags) in a temporary directory, one model per
 row, then runs ``--repeats`` interleaved rounds of one ``policy_update`` step per row (after one
@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-log = logging.getLogger("sdar_engine.lever_timing")
+log = logging.getLogger("benchmarks.lever_timing")
 
 
 def _corpus(n: int, seed: int = 0) -> list[str]:
@@ -31,7 +31,7 @@ def _corpus(n: int, seed: int = 0) -> list[str]:
 
 
 def _samples(n: int, length: int, vocab: int, seed: int = 0) -> list:
-    from .packing import Sample
+    from sdar_engine.packing import Sample
 
     rng = random.Random(seed)
     out = []
@@ -47,7 +47,7 @@ def _samples(n: int, length: int, vocab: int, seed: int = 0) -> list:
 def _step_runner(model: Any, samples: list, max_tokens: int) -> Callable[[], None]:
     from sdar_kernels import LossConfig
 
-    from .update import policy_update
+    from sdar_engine.update import policy_update
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     cfg = LossConfig.preset("grpo", kl_coef=0.0)
@@ -59,7 +59,7 @@ def measure(runs: list[Callable[[], None]], device: torch.device, repeats: int) 
     ``repeats`` rounds after one warm-up each. Rounds interleave the runners, so load from other
     processes spreads over all of them; CPU seconds (``time.process_time``) are what it barely
     touches, on a shared machine the ratio to trust."""
-    from .memory_levers import PeakMeter
+    from sdar_engine.memory_levers import PeakMeter
 
     meter = PeakMeter(device)
     for run in runs:
@@ -84,8 +84,8 @@ def measure(runs: list[Callable[[], None]], device: torch.device, repeats: int) 
 def main(argv: list[str] | None = None) -> int:
     from sdar_kernels import LossConfig
 
-    from . import memory_levers as ml
-    from .model import ModelConfig, build_tiny, load_policy
+    from sdar_engine import memory_levers as ml
+    from sdar_engine.model import ModelConfig, build_tiny, load_policy
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=256)

@@ -12,48 +12,15 @@ the process's baseline ru_maxrss after imports and inputs ("rss-fresh" method).
 """
 from __future__ import annotations
 
-import resource
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
+
+from sdar_engine.process_memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 METHOD_CUDA = "cuda-max-allocated"
 METHOD_HWM = "rss-hwm-reset"
 METHOD_FRESH = "rss-fresh"
-
-
-def _status_kb(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> int:
-    """Current resident set size in bytes (0 when /proc is unavailable)."""
-    return (_status_kb("VmRSS") or 0) * 1024
-
-
-def peak_rss_bytes() -> int:
-    """Peak RSS of this process in bytes since start or the last ``reset_peak_rss``."""
-    hwm = _status_kb("VmHWM")
-    if hwm is not None:
-        return hwm * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark of this process; False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_kb("VmHWM") is not None
 
 
 def can_reset_peak_rss() -> bool:

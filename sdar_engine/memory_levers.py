@@ -16,7 +16,6 @@ the optimizer state that the first step will allocate is added from the paramete
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import logging
 import math
@@ -27,6 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .model import compute_device
+from .process_memory import peak_rss_bytes, reset_peak_rss, rss_bytes, trim_heap
 
 log = logging.getLogger("sdar_engine.memory")
 
@@ -151,7 +151,7 @@ class PeakMeter:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.method = "cuda-max-allocated" if device.type == "cuda" else "rss-hwm"
-        if self.method == "rss-hwm" and not _reset_hwm():
+        if self.method == "rss-hwm" and not reset_peak_rss():
             raise RuntimeError("memory guard on CPU needs /proc/self/clear_refs to reset the RSS high-water mark "
                                "(Linux); set algo.max_memory_gb=0 here")
 
@@ -160,49 +160,23 @@ class PeakMeter:
             torch.cuda.synchronize(self.device)
             return torch.cuda.memory_allocated(self.device)
         gc.collect()
-        _trim_heap()
-        return _status_kb("VmRSS") * 1024
+        trim_heap()
+        return rss_bytes()
 
     def reset(self) -> None:
         gc.collect()
-        _trim_heap()
+        trim_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            _reset_hwm()
+            reset_peak_rss()
 
     def peak(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device)
-        return _status_kb("VmHWM") * 1024
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``) so RSS counts live memory
-    only; without it a probe reuses pages an earlier one freed and its growth is under-counted."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+        return peak_rss_bytes()
 
 
 def probe_samples(tokens: int, vocab: int, seed: int = 0) -> list:

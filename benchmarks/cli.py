@@ -3,6 +3,7 @@
     python -m benchmarks.cli --suite loss                 # CPU: acceptance case + grid (see grids.py)
     python -m benchmarks.cli --suite all --quick          # every suite, small shapes
     python -m benchmarks.cli --suite loss --grid quick --token-chunk 2048 --vocab-chunk 4096
+    python -m benchmarks.cli --suite memory --max-gb 12   # one training step's peak vs tokens (step_memory.py)
 
 Results go to ``--out`` (default runs/bench-<UTC timestamp>): results.csv, results.md, *.png,
 meta.json. Every kernel comparison is a ratio vs the naive backend measured in the same run.
@@ -19,13 +20,16 @@ import sys
 import time
 from typing import Optional
 
-SUITES = ("loss", "logprobs", "trainer", "envs", "all")
+SUITES = ("loss", "logprobs", "trainer", "envs", "memory", "all")  # "all" leaves memory out: it asks for GiB
 log = logging.getLogger("sdar_bench")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     from .grids import GRIDS
     from .loss_cases import BACKENDS
+    from .step_memory import DEFAULT_MMAP_THRESHOLD
+    from .step_memory_worker import LAYOUTS as MEM_LAYOUTS
+    from .step_memory_worker import PATHS as MEM_PATHS
 
     ap = argparse.ArgumentParser(prog="sdar bench", description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="loss", choices=SUITES)
@@ -42,6 +46,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--vocab-chunk", type=int, default=2048)
     ap.add_argument("--case-timeout", type=float, default=1800, help="seconds per kernel case")
     ap.add_argument("--no-progress", action="store_true")
+    mem = ap.add_argument_group("memory suite (benchmarks/step_memory.py)")
+    mem.add_argument("--max-gb", type=float, default=8.0, help="GiB one case may use; larger ones are extrapolated")
+    mem.add_argument("--mem-paths", nargs="+", choices=MEM_PATHS, default=list(MEM_PATHS))
+    mem.add_argument("--mem-layouts", nargs="+", choices=MEM_LAYOUTS, default=list(MEM_LAYOUTS))
+    mem.add_argument("--mmap-threshold", type=int, default=DEFAULT_MMAP_THRESHOLD,
+                     help="glibc MALLOC_MMAP_THRESHOLD_ of the CPU workers in bytes (0 = glibc's dynamic default)")
     if argv and argv[0] == "--":  # `sdar bench -- --suite loss` forwards the separator
         argv = argv[1:]
     args = ap.parse_args(argv)
@@ -49,6 +59,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         if getattr(args, name) < (0 if name == "warmup" else 1):
             ap.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; expected an integer >= "
                      f"{0 if name == 'warmup' else 1}")
+    if not args.max_gb > 0 or args.mmap_threshold < 0:
+        ap.error(f"--max-gb={args.max_gb} / --mmap-threshold={args.mmap_threshold} is invalid; expected GiB > 0 "
+                 "and bytes >= 0")
     return args
 
 
@@ -147,6 +160,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     meta = {"command": "python -m benchmarks.cli " + shlex.join(shown), "machine": machine_info(),
             "code": code_version()}
     t0 = time.perf_counter()
+    if args.suite == "memory":
+        from .step_memory import run_suite
+
+        rows, _ = run_suite(out, meta, quick=args.quick, device=_device(args), max_gb=args.max_gb,
+                            paths=args.mem_paths, layouts=args.mem_layouts, mmap_threshold=args.mmap_threshold,
+                            timeout_s=args.case_timeout, progress=not args.no_progress)
+        log.info("results in %s (%.0f s)", out, time.perf_counter() - t0)
+        return 1 if any(r["status"] == "failed" for r in rows) else 0
     suites = ["loss", "logprobs"] if args.suite == "all" else [args.suite]
     kernel_rows = run_kernels(args, [s for s in suites if s in ("loss", "logprobs")]) \
         if any(s in ("loss", "logprobs") for s in suites) else []

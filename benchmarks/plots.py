@@ -163,3 +163,62 @@ def write_plots(kernel_rows: Sequence[dict], trainer_rows: Sequence[dict], out_d
     if trainer_figure(trainer_rows, path):
         paths.append(path)
     return paths
+
+
+MEMORY_STYLE = {"hf_default": ("tab:red", "o", "HF default (logits [N,V] + CE)"),
+                "fused": ("tab:orange", "s", "fused loss"),
+                "fused_ckpt": ("tab:blue", "D", "fused + checkpointing"),
+                "fused_ckpt_chunked": ("tab:green", "^", "fused + ckpt + chunked loss")}
+
+
+def memory_figure(rows: Sequence[dict], summary: Sequence[dict], shape, path: str) -> bool:
+    """Memory suite: extra peak of one step (GiB) vs slots per path, a panel per layout (log-log).
+    Filled markers were measured, hollow ones extrapolated (not run: above the budget or run cap).
+    Gray lines: the analytic trunk-only minimum per token (checkpointed: dashed, anchored at the
+    fitted intercept of fused_ckpt; without: dotted, anchored at fused's), so a measured curve
+    parallel to its gray line grows at exactly the minimum rate. False when nothing was measured."""
+    from .step_memory import trunk_min_bytes_per_token
+
+    shown = [r for r in rows if r.get("slots") and (r["status"] == "ok" or r.get("predicted_bytes"))]
+    if not any(r["status"] == "ok" for r in shown):
+        return False
+    layouts = [lay for lay in ("single", "packed") if any(r["layout"] == lay for r in shown)]
+    fig, axes = plt.subplots(1, len(layouts), figsize=(6.4 * len(layouts), 4.8), squeeze=False)
+    slope = {(s["layout"], s["path"]): s.get("slope_kib_per_token") for s in summary}
+    for ax, layout in zip(axes[0], layouts):
+        mine = [r for r in shown if r["layout"] == layout]
+        xs = sorted({r["slots"] for r in mine})
+        for ckpt, anchor, style in ((True, "fused_ckpt", "--"), (False, "fused", ":")):
+            m = trunk_min_bytes_per_token(shape, ckpt)
+            icpt = next((s.get("intercept_mib") for s in summary if (s["layout"], s["path"]) == (layout, anchor)), None)
+            base = max(icpt or 0.0, 0.0) * 2**20
+            ax.plot(xs, [(base + m * x) / 2**30 for x in xs], color="gray", linestyle=style, linewidth=1.4,
+                    label=f"trunk-only minimum, {'checkpointed' if ckpt else 'no checkpointing'} "
+                          f"({m / 1024:.1f} KiB/token){f' + {anchor} intercept' if base else ''}")
+        for name, (color, marker, label) in MEMORY_STYLE.items():
+            pts = sorted((r for r in mine if r["path"] == name), key=lambda r: r["slots"])
+            if not pts:
+                continue
+            ys = [(r["peak_bytes"] if r["status"] == "ok" else r["predicted_bytes"]) / 2**30 for r in pts]
+            k = slope.get((layout, name))
+            ax.plot([r["slots"] for r in pts], ys, color=color, linewidth=1.6,
+                    label=label + (f" ({k:.1f} KiB/token)" if k else ""))
+            for r, y in zip(pts, ys):
+                ax.plot([r["slots"]], [y], marker=marker, color=color, markersize=7,
+                        markerfacecolor=color if r["status"] == "ok" else "white")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ticks = [x for i, x in enumerate(xs) if i == 0 or x > 1.08 * xs[i - 1]]  # hf's slots differ by a few %
+        ax.set_xticks(ticks, [f"{x / 1024:.3g}k" for x in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("tokens per step (slots: rows x row length)")
+        ax.set_ylabel("extra peak memory of one step (GiB)")
+        ax.set_title(f"{layout}: V={shape.vocab:,} H={shape.hidden} L={shape.layers}", fontsize=11)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7.5, loc="upper left", framealpha=0.9)
+    device = next((r.get("device") for r in rows if r.get("device")), "?")
+    fig.suptitle(f"one training step (fwd + loss + bwd + AdamW), {device}; hollow = extrapolated, not run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -156,16 +156,20 @@ def acceptance_lines(rows: Sequence[dict], n: int = 4096, v: int = 151936, h: in
     return lines
 
 
+def run_lines(meta: dict) -> list[str]:
+    """The command, code revision, machine (load average at start and end) and wall time of a run."""
+    m = meta["machine"]
+    return [f"- command: `{meta['command']}` (code {meta.get('code', 'unknown')})",
+            f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu']}, "
+            f"torch {m['torch']}, 1-min load average at start {m.get('load_avg_1m', '?')}, at the end "
+            f"{m.get('load_avg_1m_end', '?')}",
+            f"- wall time of the run: {meta.get('wall_s', 0):.0f} s"]
+
+
 def markdown_report(meta: dict, kernel_rows: Sequence[dict], trainer_rows: Sequence[dict],
                     env_rows: Sequence[dict], plots: Sequence[str]) -> str:
     """The results.md of one run: machine, command, acceptance line, tables, plot links."""
-    m = meta["machine"]
-    out = [f"# sdar-engine benchmark results ({m['date_utc']} UTC)", "",
-           f"- command: `{meta['command']}` (code {meta.get('code', 'unknown')})",
-           f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu']}, "
-           f"torch {m['torch']}, 1-min load average at start {m.get('load_avg_1m', '?')}, at the end "
-           f"{m.get('load_avg_1m_end', '?')}",
-           f"- wall time of the run: {meta.get('wall_s', 0):.0f} s", ""]
+    out = [f"# sdar-engine benchmark results ({meta['machine']['date_utc']} UTC)", "", *run_lines(meta), ""]
     if kernel_rows:
         out += ["## Kernels", "", *acceptance_lines(kernel_rows), "",
                 "Ratios are measured back to back in this run (each case in a fresh subprocess). Peak memory: "

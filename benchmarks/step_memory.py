@@ -364,14 +364,10 @@ def _fmt(value, spec: str) -> str:
 def markdown(meta: dict, shape: MemShape, rows: Sequence[dict], summary: Sequence[dict], plots: Sequence[str],
              loss_chunk: int) -> str:
     """memory.md of one run: setup, acceptance lines, summary table, per-case table, plots."""
-    from .report import _table
+    from .report import _table, run_lines
 
-    m = meta["machine"]
-    out = [f"# Memory suite: one training step, peak memory vs tokens ({m['date_utc']} UTC)", "",
-           f"- command: `{meta['command']}` (code {meta.get('code', 'unknown')})",
-           f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu']}, "
-           f"torch {m['torch']}, 1-min load average at start {m.get('load_avg_1m', '?')}, at the end "
-           f"{m.get('load_avg_1m_end', '?')}; wall time {meta.get('wall_s', 0):.0f} s",
+    out = [f"# Memory suite: one training step, peak memory vs tokens ({meta['machine']['date_utc']} UTC)", "",
+           *run_lines(meta),
            f"- model: Qwen2, V={shape.vocab}, H={shape.hidden}, L={shape.layers}, heads {shape.heads} "
            f"(kv {shape.kv_heads}), MLP {shape.mlp}, tied embedding, sdpa, fp32; AdamW; chunked loss C={loss_chunk}",
            f"- trunk-only minimum (bytes/token, s=4): checkpointed 4[L H + 2H + 2 d_head + A_layer] = "

@@ -244,6 +244,27 @@ class Rollout:
         return out
 
 
+def play_turn(env: Any, backend: GenerationBackend, tokenizer: Any, ro: Rollout, prompts: Sequence[Sequence[int]],
+              live: Sequence[int], n: int, *, max_new_tokens: int, temperature: float, top_p: float,
+              stop: Sequence[str] | None, seeds: Sequence[int] | None) -> tuple[list, list[str], tuple]:
+    """One turn of ``n`` envs: generate for the ``live`` ones (prompts in the same order), decode,
+    step every env (finished ones get an empty action). Adds generation and env time and the
+    generated token count to ``ro``; returns (response ids and decoded text per live env,
+    env.step's 4-tuple)."""
+    t0 = time.perf_counter()
+    responses = backend.generate(prompts, max_new_tokens, temperature, top_p, stop, seeds=seeds)
+    ro.gen_seconds += time.perf_counter() - t0
+    ro.gen_tokens += sum(len(r) for r in responses)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    actions = [""] * n
+    for i, text in zip(live, texts):
+        actions[i] = text
+    t0 = time.perf_counter()
+    out = env.step(actions)
+    ro.env_seconds += time.perf_counter() - t0
+    return responses, texts, out
+
+
 def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_ids: list[str],
                  group_size: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  max_prompt_tokens: int = 0, max_turns: int = 0, retrieval: str | None = None,
@@ -296,19 +317,10 @@ def run_episodes(env: Any, backend: GenerationBackend, tokenizer: Any, *, task_i
         teachers = (teacher_prompt_ids(env, tokenizer, live, retrieval, max_prompt_tokens)
                     if retrieval and keep_samples else [None] * len(live))
         ro.prompt_seconds += t1 - t0
-        t0 = time.perf_counter()
-        ro.teacher_prompt_seconds += t0 - t1
-        seeds = None if seed is None else [sampling_seed(seed, eps[i], turn) for i in live]
-        responses = backend.generate(prompts, max_new_tokens, temperature, top_p, stop, seeds=seeds)
-        ro.gen_seconds += time.perf_counter() - t0
-        ro.gen_tokens += sum(len(r) for r in responses)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        actions = [""] * n
-        for i, text in zip(live, texts):
-            actions[i] = text
-        t0 = time.perf_counter()
-        new_obs, rewards, dones, new_infos = env.step(actions)
-        ro.env_seconds += time.perf_counter() - t0
+        ro.teacher_prompt_seconds += time.perf_counter() - t1
+        responses, texts, (new_obs, rewards, dones, new_infos) = play_turn(
+            env, backend, tokenizer, ro, prompts, live, n, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, stop=stop, seeds=None if seed is None else [sampling_seed(seed, eps[i], turn) for i in live])
         for k, i in enumerate(live):
             penalty = float(new_infos[i].get("penalty", 0.0))
             ro.invalid_steps += int(not new_infos[i].get("is_action_valid", True))

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 
 from sdar_engine.packing import Sample
 from sdar_engine.progress import progress
-from sdar_engine.rollout import GenerationBackend, Rollout, sampling_seed
+from sdar_engine.rollout import GenerationBackend, Rollout, play_turn, sampling_seed
 
 log = logging.getLogger("sdar.trajectory")
 
@@ -132,19 +132,10 @@ def run_trajectories(env: Any, backend: GenerationBackend, tokenizer: Any, *, ta
             break
         bar.update(1)
         bar.set_postfix(live=len(live), cut=sum(cut))
-        t0 = time.perf_counter()
-        seeds = None if seed is None else [sampling_seed(seed, eps[i], turn) for i in live]
-        responses = backend.generate([list(conv[i]) for i in live], max_new_tokens, temperature, top_p, stop,
-                                     seeds=seeds)
-        ro.gen_seconds += time.perf_counter() - t0
-        ro.gen_tokens += sum(len(r) for r in responses)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        actions = [""] * n
-        for i, text in zip(live, texts):
-            actions[i] = text
-        t0 = time.perf_counter()
-        new_obs, rewards, dones, new_infos = env.step(actions)
-        ro.env_seconds += time.perf_counter() - t0
+        responses, texts, (new_obs, rewards, dones, new_infos) = play_turn(
+            env, backend, tokenizer, ro, [list(conv[i]) for i in live], live, n, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, stop=stop,
+            seeds=None if seed is None else [sampling_seed(seed, eps[i], turn) for i in live])
         for k, i in enumerate(live):
             penalties[i] += float(new_infos[i].get("penalty", 0.0))
             ro.invalid_steps += int(not new_infos[i].get("is_action_valid", True))

@@ -82,8 +82,9 @@ def make(name: str, split: str = "train", seed: int = 0, **options: Any) -> Batc
     """Build a BatchEnv for suite ``name`` ("alfworld" | "webshop" | "searchqa").
 
     Env options: history_length, invalid_penalty, num_workers, skill_top_k, ucb_c (defaults
-    per suite), prompt_style ("verl-agent" | "compact"), expert_think ("plan" | "empty").
-    All other options are passed to the suite's ``build_suite``.
+    per suite), prompt_style ("verl-agent" | "compact"), expert_think ("plan" | "empty"),
+    skill_bank (a bundled bank name, default the env's own). All other options are passed to
+    the suite's ``build_suite``.
     """
     spec = _spec(name)
     if not isinstance(seed, int):
@@ -92,6 +93,10 @@ def make(name: str, split: str = "train", seed: int = 0, **options: Any) -> Batc
     env_opts.setdefault("history_length", spec.history_length)
     env_opts.setdefault("invalid_penalty", spec.invalid_penalty)
     env_opts.setdefault("num_workers", spec.num_workers)
+    if "skill_bank" in options:  # a bundled bank by name, e.g. "alfworld_placement"
+        from .skills import load_skill_bank
+        env_opts["skill_bank"] = load_skill_bank(name, seed, env_opts.get("ucb_c", 1.0),
+                                                 bank=options.pop("skill_bank"))
     suite = build_suite(name, seed=seed, **options)
     env = BatchEnv(name, suite, split=split, seed=seed, suite_options=options,
                    style=spec.style, **env_opts)

@@ -144,9 +144,21 @@ def read_skills(path: str | Path) -> list[Skill]:
     return [_parse_skill(raw, str(path)) for raw in data["skills"]]
 
 
+def available_banks() -> list[str]:
+    """Names of the bundled banks (envs/skill_banks/<name>.json)."""
+    return sorted(p.stem for p in BANK_DIR.glob("*.json"))
+
+
 def load_skill_bank(env: str, seed: int = 0, ucb_c: float = 1.0,
-                    path: str | Path | None = None) -> SkillBank:
-    """The bank of ``env`` from envs/skill_banks/<env>.json (or ``path``)."""
+                    path: str | Path | None = None, bank: str | None = None) -> SkillBank:
+    """The bank of ``env`` from envs/skill_banks/<env>.json, or the bundled bank named ``bank``
+    (e.g. "alfworld_placement"), or the file ``path``."""
+    if bank is not None:
+        if path is not None:
+            raise ValueError("give skill_bank (a bundled bank name) or path, not both")
+        if bank not in available_banks():
+            raise ValueError(f"skill_bank={bank!r} is not valid; use one of {available_banks()}")
+        path = BANK_DIR / f"{bank}.json"
     path = Path(path) if path is not None else BANK_DIR / f"{env}.json"
     if not path.is_file():
         raise ValueError(f"no skill bank for env={env!r}: {path} does not exist")

@@ -15,7 +15,8 @@ What this module adds around the upstream engine (and why):
 * ``FixedAlfredExpert``: ALFWorld's handcoded expert with the move->put state-tracking fix
   (upstream renamed ``put X in/on Y`` to ``move X to Y`` but the expert's state tracker still
   tests ``"put" in last_action``, so it never empties its inventory and loops on pick_two).
-  It also never raises: an expert failure yields ``"look"``.
+  It also never raises: an expert failure yields ``"look"``. Optionally it searches for an
+  object by a placement prior (``search_prior``) instead of in room order.
 * A pool of loaded engines (each owns a private copy of ``libdownward.so``, 33 MB, whose
   global state is per copy) so discarded games hand their engine to the next game of the
   same file instead of leaking a dlopen'ed library.
@@ -167,18 +168,57 @@ def _as_put(last_action: str) -> str:
     return "put " + last_action[5:] if last_action.startswith("move ") else last_action
 
 
+def _use_search_prior(policy, kinds_by_object: dict[str, list[str]]) -> None:
+    """Make ``policy`` (a handcoded-expert policy) search for objects by a placement prior.
+
+    The policy visits ``receptacles_to_check`` from its end, so the search list ends with the
+    ranked receptacles reversed: visit order = the ranked kinds (most frequent first; the
+    instances of one kind in the handcoded expert's order, i.e. reversed room listing, which
+    lists "drawer 2, drawer 1": drawer 1 first), then the handcoded expert's other candidates
+    in its own order, then (added by the policy) every other receptacle.
+    """
+    handcoded = policy.get_list_of_receptacles_to_search_for_object_cls
+    of_type = policy.get_list_of_receptacles_of_type
+
+    def search(obj_cls: str) -> list[str]:
+        ranked = [name for kind in kinds_by_object.get(obj_cls, ())
+                  for name in reversed(policy.receptacles) if policy.receptacles[name] == kind]
+        return [r for r in handcoded(obj_cls) if r not in ranked] + ranked[::-1]
+
+    def receptacles_of_type(cls: str) -> list[str]:
+        # ALFRED also counts cup, mug, bowl, pan, plate and pot as receptacles, so the policy
+        # looks one up by type; none is listed in the room, and upstream then searches every
+        # receptacle in room order. Search those classes by the prior too.
+        found = of_type(cls)
+        if found or cls not in kinds_by_object:
+            return found
+        ordered = search(cls)
+        return [r for r in policy.receptacles if r not in ordered] + ordered
+
+    policy.get_list_of_receptacles_to_search_for_object_cls = search
+    policy.get_list_of_receptacles_of_type = receptacles_of_type
+
+
 class FixedAlfredExpert(AlfredExpert):
-    """ALFWorld's handcoded expert with the move->put fix; never raises from the expert."""
+    """ALFWorld's handcoded expert with the move->put fix; never raises from the expert.
+
+    ``search_prior`` (object class -> receptacle kinds, most frequent first; None = ALFWorld's
+    room-order search) is read at every ``reset``: the owner sets it before each episode, so a
+    pooled engine never carries one game's search order into another's.
+    """
 
     def __init__(self, env=None) -> None:
         super().__init__(env=env, expert_type=AlfredExpertType.HANDCODED)
         self.expert_error: str = ""
+        self.search_prior: dict[str, list[str]] | None = None
 
     def reset(self):
         state = super().reset()
         policy = self._handcoded_expert.policy
         track = policy.update_state_tracking
         policy.update_state_tracking = lambda gs, last: track(gs, _as_put(last))
+        if self.search_prior is not None:
+            _use_search_prior(policy, self.search_prior)
         self.expert_error = ""
         return state
 

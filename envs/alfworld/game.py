@@ -21,11 +21,12 @@ class AlfworldGame:
     """An episode of the ALFWorld game stored in ``game_file`` (``game.tw-pddl``)."""
 
     def __init__(self, task_id: str, task_type: str, game_file: str, seed: int = 0,
-                 max_steps: int = MAX_STEPS) -> None:
+                 max_steps: int = MAX_STEPS, search_prior: dict[str, list[str]] | None = None) -> None:
         if not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps={max_steps!r} is not valid; use an int >= 1")
         self.task_id, self.task_type, self.game_file = task_id, task_type, str(game_file)
         self.seed, self.max_steps = seed, max_steps
+        self.search_prior = search_prior  # the expert's search order (None: ALFWorld's room order)
         self.task_text = task_text_of(load_game_data(self.game_file))
         self._env: Any = None
         self._state: Any = None
@@ -41,6 +42,7 @@ class AlfworldGame:
         with engine_guard(self._rng):
             if self._env is None:
                 self._env = open_engine(self.game_file)
+            self._env.search_prior = self.search_prior
             self._state = self._env.reset()
         self._steps, self._done = 0, False
         self._obs = str(self._state["feedback"])
@@ -62,7 +64,8 @@ class AlfworldGame:
         return self._obs, 10.0 if won else 0.0, self._done, self._info()
 
     def expert_action(self) -> str:
-        """The fixed handcoded expert's next command ("look" when it has none)."""
+        """The fixed handcoded expert's next command ("look" when it has none); it searches
+        by ``search_prior`` when one is set."""
         if self._state is None:
             raise RuntimeError(f"{self.task_id}: call reset() before expert_action()")
         plan = self._state.get("extra.expert_plan") or ["look"]

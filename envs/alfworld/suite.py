@@ -35,6 +35,11 @@ GENERATOR_VERSION = 2
 SPLIT_DIRS = {"train": "train", "test": "valid_unseen"}
 DEFAULT_COUNTS = {"train": 600, "test": 120}
 MAX_ATTEMPTS = 8
+# How the expert searches for an object: ALFWorld's room order, or the train-split placement
+# prior the teacher's skills state. Not part of the cache key: games are generated and checked
+# (and their stored walkthrough written) by the handcoded expert under either value, so both
+# values play the same games; the prior only changes the expert's actions at play time.
+EXPERT_SEARCH = ("handcoded", "prior")
 
 
 def _has_games(path: Path) -> bool:
@@ -56,7 +61,8 @@ class AlfworldSuite:
 
     def __init__(self, seed: int = 0, num_train: int | None = None, num_test: int | None = None,
                  room_size: str = "small", data_dir: str | None = None,
-                 max_steps: int = MAX_STEPS, task_types: list[str] | None = None) -> None:
+                 max_steps: int = MAX_STEPS, task_types: list[str] | None = None,
+                 expert_search: str = "handcoded") -> None:
         if not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} is not valid; use an int")
         _check_count("num_train", num_train)
@@ -67,7 +73,14 @@ class AlfworldSuite:
             raise ValueError(f"max_steps={max_steps!r} is not valid; use an int >= 1")
         if task_types is not None and (not task_types or any(t not in SHORT_TYPES for t in task_types)):
             raise ValueError(f"task_types={task_types!r} is not valid; use a non-empty list of {list(SHORT_TYPES)}")
+        if expert_search not in EXPERT_SEARCH:
+            raise ValueError(f"expert_search={expert_search!r} is not valid; use one of {list(EXPERT_SEARCH)}")
         self.task_types = list(task_types) if task_types is not None else list(SHORT_TYPES)
+        self.expert_search = expert_search
+        self._search_prior = None
+        if expert_search == "prior":
+            from .placement import bundled_search_prior  # placement imports this module
+            self._search_prior = bundled_search_prior()
         self.seed, self.room_size, self.max_steps = seed, room_size, max_steps
         self.counts = {"train": num_train, "test": num_test}
         if data_dir is None:  # the wheel sets $ALFWORLD_DATA itself: use it only if it has games
@@ -100,7 +113,8 @@ class AlfworldSuite:
         split, task_type, index = self._parse(task_id)
         path = self.game_file(task_id)
         seed = zlib.crc32(f"{self.seed}|{task_id}".encode())
-        return AlfworldGame(task_id, task_type, str(path), seed=seed, max_steps=self.max_steps)
+        return AlfworldGame(task_id, task_type, str(path), seed=seed, max_steps=self.max_steps,
+                            search_prior=self._search_prior)
 
     def game_file(self, task_id: str) -> Path:
         """Path of the ``game.tw-pddl`` of ``task_id``; generates it if needed."""
@@ -166,8 +180,11 @@ class AlfworldSuite:
 def build_suite(seed: int = 0, **options: object) -> AlfworldSuite:
     """The ALFWorld suite. Options: num_train, num_test, room_size ("small"|"alfworld"),
     data_dir (downloaded games; default $ALFWORLD_DATA, else generated), max_steps (50),
-    task_types (a subset of the six short type names; default all)."""
-    allowed = {"num_train", "num_test", "room_size", "data_dir", "max_steps", "task_types"}
+    task_types (a subset of the six short type names; default all), expert_search
+    ("handcoded": ALFWorld's room-order search | "prior": search receptacle kinds in the order
+    of the bundled train-split placement skills, envs/skill_banks/alfworld_placement.json)."""
+    allowed = {"num_train", "num_test", "room_size", "data_dir", "max_steps", "task_types",
+               "expert_search"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"options {unknown} are not valid for alfworld; use {sorted(allowed)}")

@@ -19,11 +19,12 @@ def test_paper_configs_play_alfworld_sized_rooms_and_tiny_ones_small_rooms():
     paths = alfworld_configs()
     paper = [p for p in paths if "_qwen" in p.name]
     tiny = [p for p in paths if p.name.startswith("tiny_")]
-    assert len(paper) == 3 and len(tiny) == 2 and len(paper) + len(tiny) == len(paths)
+    assert len(paper) == 3 and len(tiny) == 3 and len(paper) + len(tiny) == len(paths)
     for p, want in [(p, "alfworld") for p in paper] + [(p, "small") for p in tiny]:
         options = yaml.safe_load(p.read_text())["env"]["options"]
         assert options["room_size"] == want, p.name
-        suite = build_suite(seed=0, **options)  # the options reach the suite as they are (no games built)
+        suite_options = {k: v for k, v in options.items() if k != "skill_bank"}  # skill_bank is the env's
+        suite = build_suite(seed=0, **suite_options)  # the options reach the suite as they are (no games built)
         assert suite.room_size == want
     assert ROOM_SIZES["alfworld"].min_receptacles > ROOM_SIZES["small"].max_receptacles
 

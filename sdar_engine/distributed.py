@@ -58,12 +58,6 @@ def init_distributed(device: str = "auto", cpu_offload: bool = False) -> tuple[i
     return dist.get_rank(), world, dev
 
 
-def _decoder_layers(model: Any) -> list:
-    from .model import decoder_layers
-
-    return decoder_layers(model)
-
-
 def offload_policy(device_type: str) -> Any:
     """FSDP2's CPUOffloadPolicy: pinned host memory on CUDA (pinning needs an accelerator)."""
     from torch.distributed.fsdp import CPUOffloadPolicy
@@ -95,7 +89,7 @@ def wrap_fsdp(model: Any, cpu_offload: bool | None = None) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    from .model import attach_head_forward, compute_dtype
+    from .model import attach_head_forward, compute_dtype, decoder_layers
 
     attach_head_forward(model)
     offload = bool(getattr(model, "sdar_fsdp_cpu_offload", False) if cpu_offload is None else cpu_offload)
@@ -118,7 +112,7 @@ def wrap_fsdp(model: Any, cpu_offload: bool | None = None) -> Any:
         kwargs["offload_policy"] = offload_policy(device_type)
         model.sdar_compute_device = device  # shards move to the host; forward still runs here
     mesh = init_device_mesh(device_type, (world_size(),))
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
     register_fsdp_forward_method(model, "sdar_head_forward")

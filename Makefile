@@ -8,6 +8,8 @@ TRITON_SPEC ?= $(shell grep -v '^\#' requirements/triton.txt | head -1)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.sdar-installed
 REQS := $(wildcard requirements/*.txt)
+# verl pins torch / transformers / vllm it does not need for its loss functions: installed with --no-deps
+NODEPS_REQS := requirements/peers_nodeps.txt
 ARGS ?=
 # The compile gate compiles every bf16 kernel specialization for sm_90a and sm_80 (~1-3 min).
 SDAR_COMPILE_GATE ?= full
@@ -18,11 +20,14 @@ SDAR_COMPILE_GATE ?= full
 # or `source .venv/bin/activate` once per shell and then `sdar ...`.
 install: $(STAMP)
 
-$(STAMP): setup.py $(REQS)
+# Everything: the project with every CPU extra (setup.py: all = engine + envs + bench), the pinned
+# requirements and the peer libraries. TORCH_SPEC is passed again so no requirement can move torch.
+$(STAMP): setup.py pyproject.toml $(REQS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]" $(foreach f,$(REQS),-r $(f))
+	$(BIN)/python -m pip install -q -e ".[all,dev]" $(foreach f,$(filter-out $(NODEPS_REQS),$(REQS)),-r $(f)) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --no-deps $(foreach f,$(NODEPS_REQS),-r $(f))
 	touch $@
 
 demo: install

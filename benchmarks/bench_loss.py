@@ -7,7 +7,7 @@ Every case is checked against the naive backend of the same shape and preset (lo
 gradients, or log-probs), so a wrong fast kernel fails here; Liger's chunked GRPO loss against
 naive on the Liger-matched GRPO config (benchmarks/liger_grpo.py). Peak memory is recorded in extra_info from
 inside the pytest process (RSS high-water reset around one call); the fresh-subprocess numbers
-of ``python -m benchmarks.cli`` are the ones to quote.
+of ``python -m sdar_benchmarks.cli`` are the ones to quote.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import os
 import pytest
 import torch
 
-from benchmarks.grids import cases
-from benchmarks.loss_cases import Case, make_inputs, prepare, skip_reason
-from benchmarks.memory import measure_peak
-from benchmarks.runner import memory_budget
+from sdar_benchmarks.grids import cases
+from sdar_benchmarks.loss_cases import Case, make_inputs, prepare, skip_reason
+from sdar_benchmarks.memory import measure_peak
+from sdar_benchmarks.runner import memory_budget
 
 GRID = os.environ.get("SDAR_BENCH_GRID", "smoke")
 DEVICE = "cuda" if torch.cuda.is_available() and GRID == "gpu" else "cpu"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.trainer_cases import LAYOUTS, layout, make_samples, missing_piece, pad_fraction, tiny_model, train_step
+from sdar_benchmarks.trainer_cases import LAYOUTS, layout, make_samples, missing_piece, pad_fraction, tiny_model, train_step
 
 _MISSING = missing_piece()
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"trainer pieces missing: {_MISSING}")

@@ -1,9 +1,9 @@
-"""``python -m benchmarks.cli`` (and ``sdar bench``): run a suite, write CSV, markdown and plots.
+"""``python -m sdar_benchmarks.cli`` (and ``sdar bench``): run a suite, write CSV, markdown and plots.
 
-    python -m benchmarks.cli --suite loss                 # CPU: acceptance case + grid (see grids.py)
-    python -m benchmarks.cli --suite all --quick          # every suite, small shapes
-    python -m benchmarks.cli --suite loss --grid quick --token-chunk 2048 --vocab-chunk 4096
-    python -m benchmarks.cli --suite memory --max-gb 12   # one training step's peak vs tokens (step_memory.py)
+    python -m sdar_benchmarks.cli --suite loss                 # CPU: acceptance case + grid (see grids.py)
+    python -m sdar_benchmarks.cli --suite all --quick          # every suite, small shapes
+    python -m sdar_benchmarks.cli --suite loss --grid quick --token-chunk 2048 --vocab-chunk 4096
+    python -m sdar_benchmarks.cli --suite memory --max-gb 12   # one training step's peak vs tokens (step_memory.py)
 
 Results go to ``--out`` (default runs/bench-<UTC timestamp>): results.csv, results.md, *.png,
 meta.json. Every kernel comparison is a ratio vs the naive backend measured in the same run.
@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Optional
 
-SUITES = ("loss", "logprobs", "trainer", "envs", "memory", "all")  # "all" leaves memory out: it asks for GiB
+SUITES = ("loss", "logprobs", "trainer", "envs", "memory", "trl", "all")  # "all" leaves memory and trl out
 log = logging.getLogger("sdar_bench")
 
 
@@ -52,6 +52,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     mem.add_argument("--mem-layouts", nargs="+", choices=MEM_LAYOUTS, default=list(MEM_LAYOUTS))
     mem.add_argument("--mmap-threshold", type=int, default=DEFAULT_MMAP_THRESHOLD,
                      help="glibc MALLOC_MMAP_THRESHOLD_ of the CPU workers in bytes (0 = glibc's dynamic default)")
+    trl = ap.add_argument_group("trl suite (benchmarks/trl_step.py; also uses --repeats, --warmup, --max-gb)")
+    trl.add_argument("--trl-paths", nargs="+", choices=("trl", "adapter", "direct", "trl_tiled"), default=None,
+                     help="default: trl and adapter (direct when sdar_kernels.integrations.trl is absent)")
+    trl.add_argument("--trl-loss-types", nargs="+", choices=("grpo", "bnpo", "dapo"), default=["grpo"])
     if argv and argv[0] == "--":  # `sdar bench -- --suite loss` forwards the separator
         argv = argv[1:]
     args = ap.parse_args(argv)
@@ -157,9 +161,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = args.out or os.path.join("runs", f"bench-{stamp}")
     shown = sys.argv[1:] if argv is None else argv
-    meta = {"command": "python -m benchmarks.cli " + shlex.join(shown), "machine": machine_info(),
+    meta = {"command": "python -m sdar_benchmarks.cli " + shlex.join(shown), "machine": machine_info(),
             "code": code_version()}
     t0 = time.perf_counter()
+    if args.suite == "trl":
+        from .trl_step import run_suite as run_trl
+
+        rows, _ = run_trl(out, meta, quick=args.quick, device=_device(args), paths=args.trl_paths,
+                          loss_types=args.trl_loss_types, repeats=args.repeats, warmup=args.warmup,
+                          max_gb=args.max_gb, mmap_threshold=args.mmap_threshold, timeout_s=args.case_timeout,
+                          progress=not args.no_progress)
+        log.info("results in %s (%.0f s)", out, time.perf_counter() - t0)
+        return 1 if any(r["status"] == "failed" for r in rows) else 0
     if args.suite == "memory":
         from .step_memory import run_suite
 

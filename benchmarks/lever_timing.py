@@ -1,6 +1,6 @@
 """Time and peak memory of one update step under each memory lever, side by side (one process).
 
-    python -m benchmarks.lever_timing [--hidden 256 --layers 4 --tokens 4096 --repeats 3]
+    python -m sdar_benchmarks.lever_timing [--hidden 256 --layers 4 --tokens 4096 --repeats 3]
 
 Builds a small Qwen2 (the tiny preset, sized by the flags) in a temporary directory, one model per
 row, then runs ``--repeats`` interleaved rounds of one ``policy_update`` step per row (after one
@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-log = logging.getLogger("benchmarks.lever_timing")
+log = logging.getLogger("sdar_benchmarks.lever_timing")
 
 
 def _corpus(n: int, seed: int = 0) -> list[str]:

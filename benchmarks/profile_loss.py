@@ -1,7 +1,7 @@
 """Where does the SDAR loss spend its time? Per-op profile and chunk-size sweep (CPU or GPU).
 
-    python -m benchmarks.profile_loss --n 4096 --v 16384 --h 896            # op table, naive vs torch
-    python -m benchmarks.profile_loss --n 4096 --v 16384 --sweep 1024x2048 2048x4096
+    python -m sdar_benchmarks.profile_loss --n 4096 --v 16384 --h 896            # op table, naive vs torch
+    python -m sdar_benchmarks.profile_loss --n 4096 --v 16384 --sweep 1024x2048 2048x4096
 
 The op table groups torch.profiler self-times into GEMM (aten::mm/addmm/matmul), exp/log,
 reductions (max/sum/logsumexp), the online-merge elementwise ops and copies, for one fwd+bwd

@@ -47,7 +47,7 @@ def _row(case: Case, status: str, reason: str = "", **extra) -> dict:
 
 def run_case(case: Case, warmup: int = 1, repeats: int = 3, timeout_s: float = 900,
              budget: Optional[int] = None) -> dict:
-    """One case in a fresh ``python -m benchmarks.worker`` process; never raises for a failed case."""
+    """One case in a fresh ``python -m sdar_benchmarks.worker`` process; never raises for a failed case."""
     reason = skip_reason(case, budget)
     if reason:
         log.info("skip %s: %s", case.label, reason)
@@ -55,7 +55,7 @@ def run_case(case: Case, warmup: int = 1, repeats: int = 3, timeout_s: float = 9
     spec = json.dumps({"case": case.to_dict(), "warmup": warmup, "repeats": repeats})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", spec], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-m", "sdar_benchmarks.worker", spec], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         log.warning("fail %s: timed out after %.0f s", case.label, timeout_s)

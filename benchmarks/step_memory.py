@@ -187,13 +187,13 @@ def plan_cases(quick: bool, paths: Sequence[str], layouts: Sequence[str], device
 
 
 class ForkServer:
-    """The ``python -m benchmarks.step_memory_worker`` process: imports once, forks per case."""
+    """The ``python -m sdar_benchmarks.step_memory_worker`` process: imports once, forks per case."""
 
-    def __init__(self, mmap_threshold: int) -> None:
+    def __init__(self, mmap_threshold: int, module: str = "sdar_benchmarks.step_memory_worker") -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
         if mmap_threshold > 0:
             env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.step_memory_worker"], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         first = self.proc.stdout.readline()
         if first.strip() != "READY":

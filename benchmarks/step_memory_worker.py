@@ -1,6 +1,6 @@
 """Run memory-suite cases, each in its own freshly forked process, and print one JSON line per case.
 
-    python -m benchmarks.step_memory_worker        # reads one JSON case spec per stdin line
+    python -m sdar_benchmarks.step_memory_worker        # reads one JSON case spec per stdin line
 
 A case is ONE full training step (trunk forward + loss + backward + AdamW step) of the tiny
 Qwen2 family on one micro-batch (benchmarks/step_memory.py defines the cases and the paths).
@@ -204,14 +204,15 @@ def _rss(pid: Optional[int] = None) -> int:
     return 0
 
 
-def run_forked(spec: dict, rss_limit_bytes: Optional[int] = None, timeout_s: float = 900) -> dict:
-    """``run_case(spec)`` in a forked child, watched for RSS and time; never raises for the case."""
+def run_forked(spec: dict, rss_limit_bytes: Optional[int] = None, timeout_s: float = 900,
+               case_fn: Optional[Any] = None) -> dict:
+    """``(case_fn or run_case)(spec)`` in a forked child, watched for RSS and time; never raises for the case."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         os.close(r)
         try:
-            res = run_case(spec)
+            res = (case_fn or run_case)(spec)
         except BaseException as exc:  # noqa: BLE001 - any failure is this case's result
             res = {"status": "failed", "reason": repr(exc)[:400]}
         with os.fdopen(w, "w") as f:
@@ -245,13 +246,13 @@ def run_forked(spec: dict, rss_limit_bytes: Optional[int] = None, timeout_s: flo
     return res
 
 
-def serve(lines, out=sys.stdout) -> None:
+def serve(lines, out=sys.stdout, case_fn: Optional[Any] = None) -> None:
     """For each JSON line {"case": spec, "rss_limit_bytes": int|null, "timeout_s": float}: fork, run, print."""
     for line in lines:
         if not line.strip():
             continue
         msg = json.loads(line)
-        res = run_forked(msg["case"], msg.get("rss_limit_bytes"), float(msg.get("timeout_s", 900)))
+        res = run_forked(msg["case"], msg.get("rss_limit_bytes"), float(msg.get("timeout_s", 900)), case_fn)
         out.write(RESULT_PREFIX + json.dumps(res) + "\n")
         out.flush()
 

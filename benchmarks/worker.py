@@ -1,6 +1,6 @@
 """Run ONE benchmark case in this (fresh) process and print its result as a JSON line.
 
-    python -m benchmarks.worker '{"case": {...Case fields...}, "warmup": 1, "repeats": 3}'
+    python -m sdar_benchmarks.worker '{"case": {...Case fields...}, "warmup": 1, "repeats": 3}'
 
 The parent (benchmarks/runner.py) starts one such process per case, so each case's peak RSS
 is its own. Output: one line ``RESULT {json}`` with times_s (each timed call, seconds),
@@ -66,7 +66,7 @@ def run(case: Case, warmup: int, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m benchmarks.worker '<json spec>'", file=sys.stderr)
+        print("usage: python -m sdar_benchmarks.worker '<json spec>'", file=sys.stderr)
         return 2
     spec = json.loads(argv[0])
     case = Case(**spec["case"])

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import terms
 from .config import LossConfig
+from .dtensor import localize
 from .input_checks import check_values
 from .linear_stats import _validate, linear_stats, resolve_backend
 from .rowwise import rowwise_sdar_loss
@@ -21,7 +22,8 @@ class SDAROutput:
     """loss: 0-d, differentiable w.r.t. hidden (weight, bias when they require grad).
     metrics: dict of detached 0-d tensors (no host sync): gate_mean, gate_active, gap_mean,
     div_mean, clip_frac, ratio_mean, ref_kl, entropy_mean, tokens, pg_loss, sd_loss.
-    logprobs / entropy: detached per-token [N] student log-probs / entropies (0 off the mask).
+    logprobs / entropy: detached per-token [N] ([B, T] for [B, T, H] hidden states) student
+    log-probs / entropies (0 off the mask).
     """
 
     loss: Tensor
@@ -64,6 +66,7 @@ def _follow_hidden_dtype(hidden: Tensor, backend: str, **tensors: Optional[Tenso
             for k, t in tensors.items()}
 
 
+@localize  # DTensor (FSDP2) weight / bias: gathered differentiably (kernels/dtensor.py)
 @_own_precision
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
                           with_entropy: bool = False, bias: Optional[Tensor] = None,
@@ -109,11 +112,33 @@ def _check_inputs(n: int, cfg: LossConfig, **tensors) -> None:
                          "t - s drives the gate and the advantage reweighting)")
     if cfg.kl_coef != 0 and tensors.get("ref_logprobs") is None:
         raise ValueError(f"kl_coef={cfg.kl_coef} needs ref_logprobs [N] (or set kl_coef=0)")
+    if cfg.ratio_level != "token" and tensors.get("segment_ids") is None:
+        raise ValueError(f"LossConfig.ratio_level={cfg.ratio_level!r} needs the sequences: segment_ids [N] for a "
+                         "packed stream, or [B, T, H] hidden states (one sequence per row)")
 
 
+_TRAILING = {"teacher_hidden": "H_T", "teacher_topk_ids": "k", "teacher_topk_logprobs": "k"}
+
+
+def _flatten_rows(b: int, t: int, name: str, x: Optional[Tensor], per_row: bool = False) -> Optional[Tensor]:
+    """[B, T] -> [B * T] ([B, T, X] -> [B * T, X] for teacher_hidden and the top-k inputs); with
+    per_row, [B] and [B, 1] broadcast along T first."""
+    if x is None:
+        return None
+    if per_row and tuple(x.shape) in ((b,), (b, 1)):
+        return x.reshape(b, 1).expand(b, t).reshape(b * t)
+    trailing = _TRAILING.get(name)
+    if tuple(x.shape[:2]) != (b, t) or x.dim() != (3 if trailing else 2):
+        want = f"[{b}, {t}, {trailing}]" if trailing else f"[B, T]=[{b}, {t}]"
+        rows = f"[B]=[{b}], [B, 1] or " if per_row else ""
+        raise ValueError(f"{name} must be {rows}{want} with hidden [B, T, H]; got shape {tuple(x.shape)}")
+    return x.reshape(b * t, *x.shape[2:])
+
+
+@localize  # DTensor (FSDP2) weight / bias: gathered differentiably (kernels/dtensor.py)
 @_own_precision
 def fused_linear_sdar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor,
-                           old_logprobs: Tensor, loss_mask: Tensor,
+                           old_logprobs: Optional[Tensor], loss_mask: Tensor,
                            teacher_logprobs: Optional[Tensor] = None,
                            teacher_hidden: Optional[Tensor] = None,
                            teacher_weight: Optional[Tensor] = None,
@@ -122,25 +147,95 @@ def fused_linear_sdar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                            normalizer: Optional[Tensor | float] = None,
                            bias: Optional[Tensor] = None,
                            teacher_bias: Optional[Tensor] = None,
-                           config: LossConfig = LossConfig()) -> SDAROutput:
-    """The SDAR loss of SDAR_MATH.md over one packed stream of N tokens, never holding [N, V] logits.
+                           config: LossConfig = LossConfig(), *,
+                           importance_weights: Optional[Tensor] = None,
+                           entropy_normalizer: Optional[Tensor | float] = None,
+                           teacher_topk_ids: Optional[Tensor] = None,
+                           teacher_topk_logprobs: Optional[Tensor] = None) -> SDAROutput:
+    """The SDAR loss of SDAR_MATH.md, never holding [N, V] logits.
 
-    hidden [N, H] (student, requires grad), weight [V, H], targets [N] int64, advantages,
-    old_logprobs, loss_mask, teacher_logprobs, ref_logprobs [N]; segment_ids [N] (contiguous runs) for the
-    sequence-level aggregations; normalizer: global token (or sequence) count, see
-    terms.Aggregator. teacher_hidden [N, H_T] / teacher_weight [V, H_T] only for full-vocabulary
-    divergences (the gate still reads the gap from teacher_logprobs).
+    Packed: hidden [N, H] (student, requires grad), weight [V, H], targets [N] int64, advantages,
+    old_logprobs, loss_mask, teacher_logprobs, ref_logprobs, importance_weights [N]; segment_ids [N]
+    (contiguous runs) for the sequence-level aggregations and ratios.
+    Batched: hidden [B, T, H] and every per-token input [B, T] (advantages and importance_weights
+    also [B] or [B, 1], broadcast along T); each row is one sequence (segment_ids default to the row
+    index), the seq-mean-token-sum-norm constant defaults to T, and logprobs / entropy come back [B, T].
+    old_logprobs None: on-policy, o = sg(s) (ratio 1, gradient of -A s).
+    importance_weights: detached per-token weights from the rollout engine (TRL's vLLM
+    importance_sampling_ratio, verl's rollout_is_weights), multiplying the policy term after clipping.
+    normalizer: the global count the chosen aggregation divides by (terms.token_weights);
+    entropy_normalizer: the same for the entropy bonus when LossConfig.entropy_agg aggregates it apart.
+    teacher_hidden [N, H_T] / teacher_weight [V, H_T] only for full-vocabulary divergences (the gate
+    still reads the gap from teacher_logprobs). teacher_topk_ids [N, k] int64 / teacher_topk_logprobs
+    [N, k] only for divergence "topk_forward_kl" (docs/topk_distillation.md): that divergence always
+    runs the per-token statistics op + epilogue (grad_in_forward is ignored) and adds
+    topk_student_mass / topk_teacher_mass (mean top-k probability mass over loss tokens) to the metrics.
+    LossConfig.ratio_level "sequence" / "sequence_token" take that path too (a token's gradient needs
+    its whole sequence).
     """
+    extra = dict(importance_weights=importance_weights, entropy_normalizer=entropy_normalizer,
+                 teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs)
+    if hidden.dim() != 3:
+        return _sdar_loss_packed_impl(hidden, weight, targets, advantages, old_logprobs, loss_mask, teacher_logprobs,
+                                      teacher_hidden, teacher_weight, ref_logprobs, segment_ids, normalizer, bias,
+                                      teacher_bias, config, **extra)
+    b, t = hidden.shape[:2]
+    given = dict(targets=targets, loss_mask=loss_mask, old_logprobs=old_logprobs, teacher_logprobs=teacher_logprobs,
+                 ref_logprobs=ref_logprobs, segment_ids=segment_ids, teacher_hidden=teacher_hidden,
+                 teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs)
+    flat = {k: _flatten_rows(b, t, k, v) for k, v in given.items()}
+    if flat["segment_ids"] is None:
+        flat["segment_ids"] = torch.arange(b, device=hidden.device).repeat_interleave(t)
+    out = _sdar_loss_packed_impl(
+        hidden.reshape(b * t, hidden.shape[2]), weight, flat["targets"],
+        _flatten_rows(b, t, "advantages", advantages, per_row=True), flat["old_logprobs"], flat["loss_mask"],
+        flat["teacher_logprobs"], flat["teacher_hidden"], teacher_weight, flat["ref_logprobs"], flat["segment_ids"],
+        normalizer, bias, teacher_bias, config,
+        importance_weights=_flatten_rows(b, t, "importance_weights", importance_weights, per_row=True),
+        entropy_normalizer=entropy_normalizer, teacher_topk_ids=flat["teacher_topk_ids"],
+        teacher_topk_logprobs=flat["teacher_topk_logprobs"], horizon=t)
+    out.logprobs = out.logprobs.reshape(b, t)
+    out.entropy = None if out.entropy is None else out.entropy.reshape(b, t)
+    return out
+
+
+def _sdar_loss_packed_impl(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor,
+                           old_logprobs: Optional[Tensor], loss_mask: Tensor,
+                           teacher_logprobs: Optional[Tensor] = None,
+                           teacher_hidden: Optional[Tensor] = None,
+                           teacher_weight: Optional[Tensor] = None,
+                           ref_logprobs: Optional[Tensor] = None,
+                           segment_ids: Optional[Tensor] = None,
+                           normalizer: Optional[Tensor | float] = None,
+                           bias: Optional[Tensor] = None,
+                           teacher_bias: Optional[Tensor] = None,
+                           config: LossConfig = LossConfig(), *,
+                           teacher_topk_ids: Optional[Tensor] = None,
+                           teacher_topk_logprobs: Optional[Tensor] = None,
+                           importance_weights: Optional[Tensor] = None,
+                           entropy_normalizer: Optional[Tensor | float] = None,
+                           horizon: Optional[int] = None) -> SDAROutput:
+    """fused_linear_sdar_loss (see its docstring) over one packed stream of N tokens; horizon: T of a
+    [B, T] call (the seq-mean-token-sum-norm default constant)."""
     cfg = config
     n = hidden.shape[0]
     _check_inputs(n, cfg, advantages=advantages, old_logprobs=old_logprobs, loss_mask=loss_mask,
-                  teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs, segment_ids=segment_ids)
+                  teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs, segment_ids=segment_ids,
+                  importance_weights=importance_weights)
+    if cfg.topk_divergence:
+        from .topk import check_topk_inputs
+
+        teacher_topk_ids, teacher_topk_logprobs = check_topk_inputs(
+            n, weight.shape[0], teacher_topk_ids, teacher_topk_logprobs, loss_mask, cfg.check_inputs)
     if cfg.backend == "reference":
         from .reference import reference_sdar_loss
 
         return reference_sdar_loss(hidden, weight, targets, advantages, old_logprobs, loss_mask,
                                    teacher_logprobs, teacher_hidden, teacher_weight, ref_logprobs,
-                                   segment_ids, normalizer, bias, teacher_bias, cfg)
+                                   segment_ids, normalizer, bias, teacher_bias, cfg,
+                                   teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
+                                   importance_weights=importance_weights, entropy_normalizer=entropy_normalizer,
+                                   horizon=horizon)
     full_div = cfg.full_vocab_divergence
     _validate(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias,
               StatsSpec(divergence=cfg.divergence if full_div else "none"))
@@ -149,21 +244,26 @@ def fused_linear_sdar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                      {"hidden": hidden, "advantages": advantages, "old_logprobs": old_logprobs,
                       "teacher_logprobs": teacher_logprobs if cfg.uses_teacher else None,
                       "ref_logprobs": ref_logprobs if cfg.kl_coef != 0 else None,
-                      "teacher_hidden": teacher_hidden if full_div else None},
+                      "teacher_hidden": teacher_hidden if full_div else None,
+                      "importance_weights": importance_weights if cfg.policy_coef != 0 else None},
                      {"weight": weight, "teacher_weight": teacher_weight if full_div else None,
-                      "normalizer": normalizer})
+                      "normalizer": normalizer,
+                      "entropy_normalizer": entropy_normalizer if cfg.entropy_coef != 0 else None})
     acc = accum_dtype(hidden.dtype)
     mask = (loss_mask != 0).to(acc)
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if cfg.grad_in_forward and wants_grad and resolve_backend(cfg.backend, hidden.device) in ("torch", "triton"):
+    if (cfg.grad_in_forward and wants_grad and not cfg.topk_divergence and cfg.ratio_level == "token"
+            and resolve_backend(cfg.backend, hidden.device) in ("torch", "triton")):
         # the row ops cast a weight of another dtype for their GEMMs themselves and return its
         # gradient in its own dtype, accumulated in fp32 (an fp32 lm_head gets an unrounded dW)
-        weights = terms.token_weights(mask, segment_ids, normalizer, cfg)
+        weights = terms.token_weights(mask, segment_ids, normalizer, cfg, horizon)
+        w_ent = terms.entropy_weights(mask, segment_ids, weights, entropy_normalizer, cfg, horizon)
         loss, logp, ent, div = rowwise_sdar_loss(
             hidden, weight, bias, targets, loss_mask, weights, advantages, old_logprobs, teacher_logprobs,
             ref_logprobs, teacher_hidden if full_div else None, teacher_weight if full_div else None,
-            teacher_bias if full_div else None, cfg)
-        tt = terms.token_terms(logp, ent, div, advantages, old_logprobs, teacher_logprobs, ref_logprobs, cfg)
+            teacher_bias if full_div else None, cfg, entropy_weights=w_ent, importance_weights=importance_weights)
+        tt = terms.token_terms(logp, ent, div, advantages, old_logprobs, teacher_logprobs, ref_logprobs, cfg,
+                               importance_weights=importance_weights)
         return SDAROutput(loss=loss, metrics=terms.loss_metrics(tt, ent, mask, weights), logprobs=logp, entropy=ent)
     spec = StatsSpec(temperature=cfg.temperature, with_entropy=True,
                      divergence=cfg.divergence if full_div else "none", jsd_beta=cfg.jsd_beta,
@@ -175,16 +275,34 @@ def fused_linear_sdar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, adva
     st = linear_stats(hidden, weight, targets, spec, bias=bias, mask=loss_mask,
                       teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                       teacher_bias=teacher_bias, backend=cfg.backend, check_inputs=False)
-    loss, metrics = sdar_epilogue(st.logp, st.entropy, st.div, advantages, old_logprobs, mask,
-                                  teacher_logprobs, ref_logprobs, segment_ids, normalizer, cfg)
+    div = st.div
+    if cfg.topk_divergence:  # k gather-dots per token; the LSE (and its gradient) rides on st.logp
+        from .topk import topk_forward_kl
+
+        div, topk_mass = topk_forward_kl(hidden, weight, bias, targets, st.logp, teacher_topk_ids,
+                                         teacher_topk_logprobs, loss_mask, cfg.temperature, cfg.topk_tail,
+                                         cfg.token_chunk, cfg.topk_logprob_min)
+    loss, metrics = sdar_epilogue(st.logp, st.entropy, div, advantages, old_logprobs, mask,
+                                  teacher_logprobs, ref_logprobs, segment_ids, normalizer, cfg,
+                                  importance_weights=importance_weights, entropy_normalizer=entropy_normalizer,
+                                  horizon=horizon)
+    if cfg.topk_divergence:
+        metrics["topk_student_mass"] = terms.masked_mean(topk_mass, mask)
+        metrics["topk_teacher_mass"] = terms.masked_mean(
+            torch.where(mask != 0, teacher_topk_logprobs.to(mask.dtype).exp().sum(-1), 0.0), mask)
     return SDAROutput(loss=loss, metrics=metrics, logprobs=st.logp.detach(), entropy=st.entropy.detach())
 
 
-def sdar_epilogue(logp: Tensor, entropy: Tensor, div: Optional[Tensor], advantages: Tensor, old: Tensor,
+def sdar_epilogue(logp: Tensor, entropy: Tensor, div: Optional[Tensor], advantages: Tensor, old: Optional[Tensor],
                   mask: Tensor, teacher: Optional[Tensor], ref: Optional[Tensor],
-                  segment_ids: Optional[Tensor], normalizer, cfg: LossConfig) -> tuple[Tensor, dict]:
-    """Total loss and metrics from per-token statistics (all [N]; mask float 0/1)."""
-    weights = terms.token_weights(mask, segment_ids, normalizer, cfg)
-    tt = terms.token_terms(logp, entropy, div, advantages, old, teacher, ref, cfg)
-    loss = (weights * terms.token_loss(tt, entropy, cfg)).sum()
+                  segment_ids: Optional[Tensor], normalizer, cfg: LossConfig, *,
+                  importance_weights: Optional[Tensor] = None, entropy_normalizer=None,
+                  horizon: Optional[int] = None) -> tuple[Tensor, dict]:
+    """Total loss and metrics from per-token statistics (all [N]; mask float 0/1; old None = on-policy)."""
+    weights = terms.token_weights(mask, segment_ids, normalizer, cfg, horizon)
+    w_ent = terms.entropy_weights(mask, segment_ids, weights, entropy_normalizer, cfg, horizon)
+    seg = terms._run_ids(segment_ids, mask.shape[0], mask.device) if cfg.ratio_level != "token" else None
+    tt = terms.token_terms(logp, entropy, div, advantages, old, teacher, ref, cfg, mask=mask, seg=seg,
+                           importance_weights=importance_weights)
+    loss = terms.token_loss(tt, entropy, cfg, weights, w_ent).sum()
     return loss, terms.loss_metrics(tt, entropy, mask, weights)

@@ -70,8 +70,8 @@ def _coefficients(logp, entropy, div, rows: dict, cfg: LossConfig):
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_(True) if x is not None else None for x in (logp, entropy, div)]
         tt = terms.token_terms(leaves[0], leaves[1], leaves[2], rows["adv"], rows["old"], rows["teacher"],
-                               rows["ref"], cfg)
-        loss = (rows["w"] * terms.token_loss(tt, leaves[1], cfg)).sum()
+                               rows["ref"], cfg, importance_weights=rows["iw"])
+        loss = terms.token_loss(tt, leaves[1], cfg, rows["w"], rows["w_ent"]).sum()
         if not loss.requires_grad:  # every coefficient is zero: nothing depends on the logits
             return loss.detach(), [None, None, None]
         wanted = [x for x in leaves if x is not None]
@@ -202,7 +202,8 @@ class _RowLossFn(torch.autograd.Function):
             if data["teacher_hidden"] is not None:
                 zt = ops.logits(ops.operand(data["teacher_hidden"][r]), teacher=True)
             logp, ent, div, state = ops.stats(ops.logits(h, teacher=False), y, zt)
-            rows = {k: (data[k][r] if data[k] is not None else None) for k in ("adv", "old", "teacher", "ref", "w")}
+            rows = {k: (data[k][r] if data[k] is not None else None)
+                    for k in ("adv", "old", "teacher", "ref", "w", "w_ent", "iw")}
             chunk_loss, (g_logp, g_ent, g_div) = _coefficients(logp, ent, div, rows, cfg)
             loss += chunk_loss
             for k, x in (("logp", logp), ("entropy", ent), ("div", div)):
@@ -249,11 +250,20 @@ def _row_ops(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], data: dict,
 
 
 def rowwise_sdar_loss(hidden, weight, bias, targets, mask, weights, advantages, old, teacher, ref,
-                      teacher_hidden, teacher_weight, teacher_bias, cfg: LossConfig):
-    """(loss, per-token logp, entropy, div) with gradients computed in the forward; see module doc."""
+                      teacher_hidden, teacher_weight, teacher_bias, cfg: LossConfig, *, entropy_weights=None,
+                      importance_weights=None):
+    """(loss, per-token logp, entropy, div) with gradients computed in the forward; see module doc.
+
+    Per-token terms only (LossConfig.ratio_level "token"): a token's coefficients are known from its
+    own statistics. old None = on-policy; entropy_weights (default weights) and importance_weights
+    [N] as in terms.token_loss / token_terms."""
+    if cfg.ratio_level != "token":
+        raise ValueError(f"LossConfig.ratio_level={cfg.ratio_level!r} couples a sequence's tokens; the row path "
+                         "needs per-token terms (fused_linear_sdar_loss routes it to linear_stats + epilogue)")
     data = {
         "index": (mask != 0).nonzero().squeeze(1), "targets": targets.long(), "adv": advantages,
-        "old": old, "teacher": teacher, "ref": ref, "w": weights,
+        "old": old, "teacher": teacher, "ref": ref, "w": weights, "w_ent": entropy_weights,
+        "iw": importance_weights,
         "teacher_hidden": teacher_hidden.detach() if teacher_hidden is not None else None,
         "teacher_weight": teacher_weight.detach() if teacher_weight is not None else None,
         "teacher_bias": teacher_bias.detach() if teacher_bias is not None else None,

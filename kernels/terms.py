@@ -14,24 +14,50 @@ from torch import Tensor
 from .config import LossConfig
 
 
-def ppo_clip(logp: Tensor, old: Tensor, adv: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO-clip (with dual clip) per token; returns (loss, ratio, clipped indicator)."""
-    ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
-    pg1 = -adv * ratio
+def log_ratio(logp: Tensor, old: Tensor, mask: Optional[Tensor], seg: Optional[Tensor], cfg: LossConfig) -> Tensor:
+    """log rho_i per token [N] for ``cfg.ratio_level`` (SDAR_MATH.md); seg: run ids 0..S-1 (_run_ids).
+
+    token: s - o clamped to [-20, 20]. sequence (TRL GSPO): the mean of s - o over the sequence's loss
+    tokens (count clamped at 1), clamped to [-20, 20], differentiable through every token of it.
+    sequence_token (verl "gspo"): sg(that mean) + s - sg(s), clamped at 10 from above.
+    """
+    if cfg.ratio_level == "token":
+        return torch.clamp(logp - old, -20.0, 20.0)
+    m = mask.to(logp.dtype)
+    d = torch.where(m > 0, logp - old, torch.zeros_like(logp))  # padding may hold anything in old
+    n = logp.shape[0]
+    count = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add_(0, seg, m)
+    mean = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, seg, d) / count.clamp(min=1.0)
+    if cfg.ratio_level == "sequence":
+        return torch.clamp(mean[seg], -20.0, 20.0)
+    return torch.clamp(mean.detach()[seg] + logp - logp.detach(), max=10.0)
+
+
+def ppo_clip(ratio: Tensor, adv: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor]:
+    """PPO-clip per token from the ratio [N]: max(-A min(rho, clip_ratio_max), -A clip(rho)), then the
+    dual clip min(., -A c) where A < 0; returns (loss, clipped indicator)."""
+    capped = ratio if cfg.clip_ratio_max is None else torch.clamp(ratio, max=cfg.clip_ratio_max)
+    pg1 = -adv * capped
     pg2 = -adv * torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     loss = torch.maximum(pg1, pg2)
-    clipped = (pg2 > pg1).to(logp.dtype)
+    clipped = (pg2 > pg1).to(ratio.dtype)
     if cfg.dual_clip is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -adv * cfg.dual_clip), loss)
-    return loss, ratio, clipped
+    return loss, clipped
 
 
 def kl_penalty(logp: Tensor, ref: Tensor, kind: str) -> Tensor:
-    """k1 / k2 / k3 estimators of KL(pi || ref) per token (k3 clamped as in verl)."""
+    """Estimators of KL(pi || ref) per token: k1, k2, k3 (clamped as verl's low_var_kl), k3_unclamped
+    (TRL's), and verl's straight-through k1+ / k3+ (value of k1 / k3, gradient of k2)."""
+    if kind.endswith("+"):
+        k2 = 0.5 * (logp - ref) ** 2
+        return k2 - k2.detach() + kl_penalty(logp.detach(), ref, kind[:-1])
     if kind == "k1":
         return logp - ref
     if kind == "k2":
         return 0.5 * (logp - ref) ** 2
+    if kind == "k3_unclamped":
+        return torch.exp(ref - logp) - (ref - logp) - 1.0
     delta = torch.clamp(ref - logp, -20.0, 20.0)
     return torch.clamp(torch.exp(delta) - delta - 1.0, -10.0, 10.0)
 
@@ -63,36 +89,61 @@ def skill_sd_term(logp: Tensor, old: Tensor, teacher: Tensor) -> Tensor:
     return w * (torch.exp(torch.clamp(-u, max=20.0)) - 1.0 + u)
 
 
-def token_weights(mask: Tensor, segment_ids: Optional[Tensor], normalizer, cfg: LossConfig) -> Tensor:
+def token_weights(mask: Tensor, segment_ids: Optional[Tensor], normalizer, cfg: LossConfig,
+                  horizon: Optional[int] = None, agg: Optional[str] = None) -> Tensor:
     """Per-token weights w [N] with Agg(x) = sum_i w_i x_i for the four verl modes (SDAR_MATH.md).
 
     Every mode is linear in x with weights that do not depend on the logits, so the total loss is
     a sum of per-token terms. ``normalizer`` is the *global* count the sum is divided by: tokens
-    for token-mean, sequences for the seq-mean modes, a constant for seq-mean-token-sum-norm
-    (``loss_scale_factor`` wins there). With it, micro-batches (and ranks) summed reproduce the
+    for token-mean, sequences for the seq-mean modes, the whole constant for seq-mean-token-sum-norm
+    (``loss_scale_factor`` wins there; without either, ``horizon`` = T of a [B, T] input, and a
+    packed stream raises ValueError). With it, micro-batches (and ranks) summed reproduce the
     gradient of one big batch. Segment ids label sequences as contiguous runs (a packed stream);
-    a sequence must not straddle micro-batches.
+    a sequence must not straddle micro-batches. ``agg``: the mode (default ``cfg.agg``).
     """
     n = mask.shape[0]
+    agg = cfg.agg if agg is None else agg
 
     def positive(z: Tensor) -> Tensor:
         return torch.where(z > 0, z, torch.ones_like(z))
 
     given = None if normalizer is None else torch.as_tensor(normalizer, dtype=mask.dtype, device=mask.device)
-    if cfg.agg == "token-mean":
+    if agg == "token-mean":
         return mask / positive(mask.sum() if given is None else given)
-    seg = _run_ids(segment_ids, n, mask.device)
-    count = mask.new_zeros(n).index_add_(0, seg, mask)  # loss tokens per sequence
-    if cfg.agg == "seq-mean-token-sum-norm":
+    if agg == "seq-mean-token-sum-norm":
         if cfg.loss_scale_factor is not None:
             z = torch.tensor(cfg.loss_scale_factor, dtype=mask.dtype, device=mask.device)
+        elif given is not None:
+            z = given
+        elif horizon is not None:
+            z = torch.tensor(float(horizon), dtype=mask.dtype, device=mask.device)
         else:
-            z = given if given is not None else (count.max() if n else mask.new_zeros(()))
+            raise ValueError(SUM_NORM_NEEDS_CONSTANT)
         return mask / positive(z)
+    seg = _run_ids(segment_ids, n, mask.device)
+    count = mask.new_zeros(n).index_add_(0, seg, mask)  # loss tokens per sequence
     n_seq = positive((count > 0).sum().to(mask.dtype) if given is None else given)
-    if cfg.agg == "seq-mean-token-sum":
+    if agg == "seq-mean-token-sum":
         return mask / n_seq
     return mask / (positive(count)[seg] * n_seq)  # seq-mean-token-mean
+
+
+SUM_NORM_NEEDS_CONSTANT = (
+    "LossConfig.agg='seq-mean-token-sum-norm' on a packed [N] stream needs its constant denominator: set "
+    "LossConfig.loss_scale_factor (the whole number the token sum is divided by; verl 0.9.1: global sequence "
+    "count x its loss_scale_factor, or x the padded response length when that is None; TRL dr_grpo: rows "
+    "per micro-batch x max_completion_length) or pass normalizer=<that number>; [B, T] inputs default to T")
+
+
+def entropy_weights(mask: Tensor, segment_ids: Optional[Tensor], weights: Tensor, entropy_normalizer,
+                    cfg: LossConfig, horizon: Optional[int] = None) -> Tensor:
+    """Per-token weights [N] of the entropy bonus: ``weights`` (the other terms') unless
+    ``cfg.entropy_agg`` is set or ``entropy_normalizer`` is given; then the entropy is aggregated on
+    its own: token_weights of entropy_agg (default agg) over ``entropy_normalizer`` (None: this
+    call's own count, never the policy's normalizer)."""
+    if cfg.entropy_coef == 0 or (cfg.entropy_agg is None and entropy_normalizer is None):
+        return weights
+    return token_weights(mask, segment_ids, entropy_normalizer, cfg, horizon, agg=cfg.entropy_agg or cfg.agg)
 
 
 @dataclass
@@ -110,17 +161,29 @@ class TokenTerms:
 
 
 def token_terms(logp: Tensor, entropy: Optional[Tensor], div: Optional[Tensor], advantages: Tensor,
-                old: Tensor, teacher: Optional[Tensor], ref: Optional[Tensor], cfg: LossConfig) -> TokenTerms:
-    """Every per-token term of SDAR_MATH.md from the statistics (logp, entropy, div carry grad)."""
+                old: Optional[Tensor], teacher: Optional[Tensor], ref: Optional[Tensor], cfg: LossConfig, *,
+                mask: Optional[Tensor] = None, seg: Optional[Tensor] = None,
+                importance_weights: Optional[Tensor] = None) -> TokenTerms:
+    """Every per-token term of SDAR_MATH.md from the statistics (logp, entropy, div carry grad).
+
+    old None: on-policy, o = sg(s) (ratio 1, policy gradient -A). mask [N] and seg [N] (run ids,
+    _run_ids) are read by the sequence-level ratios only. importance_weights [N] (detached)
+    multiply the policy term after clipping. cfg.kl_ratio_weighted: kl is rho_i k_i (rho before the cap)."""
     dt = logp.dtype
-    adv, old = advantages.detach().to(dt), old.detach().to(dt)
+    adv = advantages.detach().to(dt)
+    old = logp.detach() if old is None else old.detach().to(dt)
     gap = (teacher.detach().to(dt) - logp.detach()) if teacher is not None else None
     if cfg.teacher_use == "rlsd" and gap is not None:
         adv = rlsd_advantage(adv, gap, cfg)
-    pg, ratio, clipped = ppo_clip(logp, old, adv, cfg)
+    ratio = torch.exp(log_ratio(logp, old, mask, seg, cfg))
+    pg, clipped = ppo_clip(ratio, adv, cfg)
+    if importance_weights is not None:
+        pg = pg * importance_weights.detach().to(dt)
     out = TokenTerms(pg=pg, ratio=ratio, clipped=clipped, gap=gap)
     if ref is not None:
         out.kl = kl_penalty(logp, ref.detach().to(dt), cfg.kl_type)
+        if cfg.kl_ratio_weighted:  # TRL's bias-corrected KL: times the un-capped ratio, gradient through both
+            out.kl = out.kl * ratio
     if gap is None or cfg.sd_coef == 0 or cfg.teacher_use in ("none", "rlsd"):
         return out
     if cfg.teacher_use == "skill_sd":
@@ -133,15 +196,18 @@ def token_terms(logp: Tensor, entropy: Optional[Tensor], div: Optional[Tensor], 
     return out
 
 
-def token_loss(tt: TokenTerms, entropy: Optional[Tensor], cfg: LossConfig) -> Tensor:
-    """l_i = c_pg pg_i + c_kl k_i - c_H H_i + lambda sd_i, so that L = sum_i w_i l_i."""
+def token_loss(tt: TokenTerms, entropy: Optional[Tensor], cfg: LossConfig, weights: Tensor,
+               entropy_weights: Optional[Tensor] = None) -> Tensor:
+    """Per-token contributions [N] with L = their sum: w_i (c_pg pg_i + c_kl k_i + lambda sd_i)
+    - c_H w^H_i H_i, with w^H = entropy_weights (default: weights)."""
     loss = cfg.policy_coef * tt.pg if cfg.policy_coef != 0 else torch.zeros_like(tt.pg)
     if cfg.kl_coef != 0:
         loss = loss + cfg.kl_coef * tt.kl
-    if cfg.entropy_coef != 0:
-        loss = loss - cfg.entropy_coef * entropy
     if tt.sd is not None:
         loss = loss + cfg.sd_coef * tt.sd
+    loss = weights * loss
+    if cfg.entropy_coef != 0:
+        loss = loss - cfg.entropy_coef * (weights if entropy_weights is None else entropy_weights) * entropy
     return loss
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from sdar_engine.extras import missing_extra_message
 from sdar_engine.progress import quiet_library_bars
 
 log = logging.getLogger("sdar.cli")
@@ -168,12 +169,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    try:
-        from benchmarks.cli import main as bench_main  # type: ignore[import-not-found]
-    except ImportError:
-        print("[sdar bench] the benchmarks CLI (benchmarks/cli.py) is not available in this checkout; "
-              "run `python -m pytest benchmarks/ --benchmark-only` directly", flush=True)
-        return 2
+    from sdar_benchmarks.cli import main as bench_main  # benchmarks/, installed as sdar_benchmarks
+
     return int(bench_main(list(args.args)) or 0)
 
 
@@ -187,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(command="bench", args=argv[1:], log_level="INFO")
     else:
         args = build_parser().parse_args(argv)
+    missing = missing_extra_message(args.command)
+    if missing:  # before any work, not minutes into a run (sdar_engine/extras.py)
+        print(missing, file=sys.stderr, flush=True)
+        return 2
     _setup_logging(getattr(args, "log_level", "INFO"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

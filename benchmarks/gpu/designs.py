@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from benchmarks import liger_grpo
+from sdar_benchmarks import liger_grpo
 
 GIB = float(1 << 30)
 Step = Callable[[], object]

@@ -32,11 +32,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ensure_importable() -> None:
-    """Import sdar_kernels and benchmarks from this checkout even when nothing is installed (a
-    bare GPU machine gets the working tree only): link kernels/ as sdar_kernels."""
+    """Import sdar_kernels and sdar_benchmarks from this checkout even when nothing is installed (a
+    bare GPU machine gets the working tree only): link kernels/ and benchmarks/ under those names."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     try:
+        import sdar_benchmarks  # noqa: F401
         import sdar_kernels  # noqa: F401
         return
     except ImportError:
@@ -44,6 +45,7 @@ def _ensure_importable() -> None:
     import tempfile
     shim = Path(tempfile.mkdtemp(prefix="sdar_shim_"))
     (shim / "sdar_kernels").symlink_to(ROOT / "kernels")
+    (shim / "sdar_benchmarks").symlink_to(ROOT / "benchmarks")
     sys.path.insert(0, str(shim))
 
 
@@ -51,8 +53,8 @@ _ensure_importable()
 
 import torch  # noqa: E402
 
-from benchmarks.gpu import checks, designs, report  # noqa: E402
-from benchmarks.gpu.designs import GIB  # noqa: E402
+from sdar_benchmarks.gpu import checks, designs, report  # noqa: E402
+from sdar_benchmarks.gpu.designs import GIB  # noqa: E402
 
 CHECK_SHARE = 0.35  # of --budget-s for part (a); the timings get the rest and whatever (a) left
 

@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from benchmarks.cli import main, parse_args
+from sdar_benchmarks.cli import main, parse_args
 
 
 @pytest.mark.parametrize("argv", [["--suite", "nope"], ["--repeats", "0"], ["--vocab-chunk", "-1"]])
@@ -24,5 +24,5 @@ def test_logprobs_smoke_run_writes_results(tmp_path):
     torch_rows = [r for r in rows if r["backend"] == "torch"]
     assert all(float(r["value_diff"]) < 1e-2 for r in torch_rows)  # same log-probs as naive
     md = (out / "results.md").read_text()
-    assert "time / naive" in md and "python -m benchmarks.cli --suite logprobs" in md
+    assert "time / naive" in md and "python -m sdar_benchmarks.cli --suite logprobs" in md
     assert (out / "logprobs_time_vs_n.png").stat().st_size > 10_000

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu import designs, report
+from sdar_benchmarks.gpu import designs, report
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADLINE = ["bare bf16 GEMM [N,H]x[H,V]", report.RECOMPUTE, report.THREE_PASS, report.HOPPER, report.LIGER]

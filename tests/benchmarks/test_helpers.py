@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
-from benchmarks.grids import ACCEPTANCE, cases
-from benchmarks.loss_cases import Case, make_inputs, naive_loss, loss_config, skip_reason
-from benchmarks.memory import METHOD_FRESH, PeakMeter, measure_peak
-from benchmarks.plots import write_plots
-from benchmarks.report import acceptance_lines, kernel_table, write_csv
-from benchmarks.runner import add_ratios
+from sdar_benchmarks.grids import ACCEPTANCE, cases
+from sdar_benchmarks.loss_cases import Case, make_inputs, naive_loss, loss_config, skip_reason
+from sdar_benchmarks.memory import METHOD_FRESH, PeakMeter, measure_peak
+from sdar_benchmarks.plots import write_plots
+from sdar_benchmarks.report import acceptance_lines, kernel_table, write_csv
+from sdar_benchmarks.runner import add_ratios
 
 
 def _row(backend, time_s, peak, n=4096, v=151936, h=896, status="ok", value=1.0):

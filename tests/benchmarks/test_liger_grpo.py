@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("liger_kernel.chunked_loss")
 
-from benchmarks import liger_grpo  # noqa: E402
-from benchmarks.grids import ACCEPTANCE, cases  # noqa: E402
-from benchmarks.loss_cases import Case, make_inputs, naive_loss, loss_config, prepare, skip_reason  # noqa: E402
+from sdar_benchmarks import liger_grpo  # noqa: E402
+from sdar_benchmarks.grids import ACCEPTANCE, cases  # noqa: E402
+from sdar_benchmarks.loss_cases import Case, make_inputs, naive_loss, loss_config, prepare, skip_reason  # noqa: E402
 
 SEEDS = [0, 1, 2]
 B, T, H, V = 4, 9, 31, 123  # odd shapes; sequence 1 fully masked
@@ -126,8 +126,8 @@ def _result(backend, preset, time_s, peak):
 
 
 def test_ratios_use_the_sdar_naive_and_lines_compare_liger():
-    from benchmarks.report import acceptance_lines, kernel_table
-    from benchmarks.runner import add_ratios
+    from sdar_benchmarks.report import acceptance_lines, kernel_table
+    from sdar_benchmarks.runner import add_ratios
 
     rows = add_ratios([_result("naive", "liger-grpo", 5.0, 100.0), _result("naive", "sdar", 10.0, 8000.0),
                        _result("torch", "sdar", 8.0, 700.0), _result("torch", "liger-grpo", 8.0, 700.0),

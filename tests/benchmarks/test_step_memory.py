@@ -6,8 +6,8 @@ import csv
 import pytest
 import torch
 
-from benchmarks import step_memory as sm
-from benchmarks.step_memory_worker import run_case
+from sdar_benchmarks import step_memory as sm
+from sdar_benchmarks.step_memory_worker import run_case
 
 TINY = sm.MemShape(vocab=2048, hidden=64, layers=2)
 
@@ -34,7 +34,7 @@ def test_trunk_minimum_on_a_hand_made_shape():
 def test_trunk_minimum_counts_what_the_hf_trunk_keeps():
     """Bytes autograd saves in the real HF Qwen2 trunk (no checkpointing), per token, against the
     formula: the formula must not miss a tensor class (>= 1) nor invent one (<= 1.25)."""
-    from benchmarks.step_memory_worker import build_model
+    from sdar_benchmarks.step_memory_worker import build_model
 
     n = 256
     model = build_model({**TINY.to_spec(), "path": "fused", "layout": "single", "tokens": n, "device": "cpu"})
@@ -109,7 +109,7 @@ def test_paths_really_differ():
 def test_packed_layout_is_one_sample_per_row():
     """Packed cases are ~1-2k-token samples, one per row, so HF never builds a block-diagonal
     [rows, 1, L, L] mask (a shared row would add ~5 L bytes per token to some lengths only)."""
-    from benchmarks.step_memory_worker import build_model, make_batch, sample_lengths
+    from sdar_benchmarks.step_memory_worker import build_model, make_batch, sample_lengths
 
     for n in (2048, 4096, 16384, 32768):
         lengths = sample_lengths(n, "packed")
@@ -122,7 +122,7 @@ def test_packed_layout_is_one_sample_per_row():
 
 
 def test_bad_suite_arguments():
-    from benchmarks.cli import parse_args
+    from sdar_benchmarks.cli import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--suite", "memory", "--max-gb", "0"])
@@ -133,7 +133,7 @@ def test_bad_suite_arguments():
 def test_quick_suite_end_to_end(tmp_path):
     """`sdar bench --suite memory --quick` (two paths, single layout): every case ran in the fork
     server, HF's slope is several times the fused+ckpt one, and the files are written."""
-    from benchmarks.cli import main
+    from sdar_benchmarks.cli import main
 
     out = tmp_path / "mem"
     rc = main(["--suite", "memory", "--quick", "--out", str(out), "--no-progress", "--mem-layouts", "single",

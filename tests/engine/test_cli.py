@@ -30,8 +30,8 @@ def test_bench_delegates_its_arguments(monkeypatch):
     import types
 
     seen = []
-    fake = types.ModuleType("benchmarks.cli")
+    fake = types.ModuleType("sdar_benchmarks.cli")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "benchmarks.cli", fake)
+    monkeypatch.setitem(sys.modules, "sdar_benchmarks.cli", fake)
     assert main(["bench", "--suite", "loss", "--quick"]) == 0
     assert seen == [["--suite", "loss", "--quick"]]

@@ -103,7 +103,10 @@ def _run_case(name: str, dtype: torch.dtype, rank: int) -> dict:
     cfg = LossConfig.preset(preset, backend="torch", token_chunk=16, vocab_chunk=32, **overrides)
     p = _problem(segments, pattern, dtype)
     w_full = p["weight"].clone().requires_grad_(True)
-    full, h_full = _loss(p, cfg, None, w_full)
+    full_z = None  # packed seq-mean-token-sum-norm needs its constant: the longest sequence, as the helper's
+    if cfg.agg == "seq-mean-token-sum-norm" and cfg.loss_scale_factor is None:
+        full_z = max(float(p["loss_mask"][p["segment_ids"] == k].sum()) for k in p["segment_ids"].unique())
+    full, h_full = _loss(p, cfg, full_z, w_full)
 
     mine = shard_tokens({k: v for k, v in p.items() if k != "weight"}, rank, WORLD, load_balance)
     if norm == "local":

@@ -19,7 +19,7 @@ OPTIONS = [
     dict(dual_clip=None), dict(clip_low=0.1, clip_high=0.28), dict(policy_coef=0.0),
     dict(teacher_use="skill_sd", sd_coef=0.001), dict(teacher_use="rlsd", sd_coef=0.0),
     dict(teacher_use="none", sd_coef=0.0),
-    dict(agg="seq-mean-token-mean"), dict(agg="seq-mean-token-sum"), dict(agg="seq-mean-token-sum-norm"),
+    dict(agg="seq-mean-token-mean"), dict(agg="seq-mean-token-sum"),
     dict(agg="seq-mean-token-sum-norm", loss_scale_factor=64.0),
     dict(temperature=0.5), dict(temperature=2.0), dict(sd_coef=1.0, divergence="reverse_kl", entropy_coef=0.1),
 ]

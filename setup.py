@@ -13,16 +13,18 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
-# source folder -> import name (the folders keep short names in the checkout; the installed names
-# carry the project prefix so nothing collides with another project's top-level ``benchmarks``)
-PACKAGE_DIRS = {"sdar_kernels": "kernels", "sdar_envs": "envs", "sdar_engine": "sdar_engine",
+# import name -> source folder. sdar_kernels/ carries its import name in the checkout too: run from the
+# repository root (pytest, python -m), a folder named ``kernels`` shadowed Hugging Face's ``kernels``
+# package, which transformers probes and imports at import time. The installed names carry the project
+# prefix so nothing collides with another project's top-level ``benchmarks`` or ``envs``.
+PACKAGE_DIRS = {"sdar_kernels": "sdar_kernels", "sdar_envs": "envs", "sdar_engine": "sdar_engine",
                 "sdar_benchmarks": "benchmarks"}
 # data folders (no __init__.py) declared as packages so setuptools ships them without a warning
 DATA = {"sdar_envs.skill_banks": ["*.json"], "sdar_engine.configs": ["*.yaml"]}
 
 
 def _mapped(name: str, folder: str) -> list[str]:
-    """``name`` and its subpackages found under ``folder`` (kernels/triton_backend -> sdar_kernels.triton_backend)."""
+    """``name`` and its subpackages found under ``folder`` (sdar_kernels/triton_backend -> sdar_kernels.triton_backend)."""
     return [name] + [f"{name}.{sub}" for sub in find_packages(where=str(HERE / folder))]
 
 

@@ -148,7 +148,7 @@ def variant(name: Optional[str], device: str):
     from sdar_kernels.triton_backend import configs
 
     if not hasattr(configs, "kernel_variant"):
-        raise RuntimeError("kernels/triton_backend/configs.py has no kernel_variant switch: "
+        raise RuntimeError("sdar_kernels/triton_backend/configs.py has no kernel_variant switch: "
                            f"the {name} variant is not in this checkout")
     old = os.environ.get("SDAR_TRITON_VARIANT")
     os.environ["SDAR_TRITON_VARIANT"] = name

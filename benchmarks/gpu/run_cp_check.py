@@ -47,15 +47,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def ensure_importable() -> None:
-    """sdar_engine and sdar_kernels from this checkout on a bare machine (nothing installed): the
-    checkout on sys.path, kernels/ linked as sdar_kernels. Spawned ranks inherit sys.path."""
+    """sdar_engine, sdar_kernels and sdar_envs from this checkout on a bare machine (nothing
+    installed): the checkout on sys.path, envs/ linked as sdar_envs. Spawned ranks inherit sys.path."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     try:
-        import sdar_kernels  # noqa: F401
+        import sdar_envs  # noqa: F401
     except ImportError:
         shim = Path(tempfile.mkdtemp(prefix="sdar_shim_"))
-        (shim / "sdar_kernels").symlink_to(ROOT / "kernels")
+        (shim / "sdar_envs").symlink_to(ROOT / "envs")
         sys.path.insert(0, str(shim))
 
 

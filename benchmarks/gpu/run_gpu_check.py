@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _ensure_importable() -> None:
     """Import sdar_kernels and sdar_benchmarks from this checkout even when nothing is installed (a
-    bare GPU machine gets the working tree only): link kernels/ and benchmarks/ under those names."""
+    bare GPU machine gets the working tree only): the checkout on sys.path, benchmarks/ linked as
+    sdar_benchmarks."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     try:
@@ -44,7 +45,6 @@ def _ensure_importable() -> None:
         pass
     import tempfile
     shim = Path(tempfile.mkdtemp(prefix="sdar_shim_"))
-    (shim / "sdar_kernels").symlink_to(ROOT / "kernels")
     (shim / "sdar_benchmarks").symlink_to(ROOT / "benchmarks")
     sys.path.insert(0, str(shim))
 

@@ -1,7 +1,7 @@
 """Liger-Kernel's own LigerFusedLinearGRPOLoss (liger-kernel 0.8.5, compiled=False on the CPU) against
 fused_linear_sdar_loss on the same inputs: loss, dL/dh, dL/dW and dL/db.
 
-Liger's loss types follow TRL's, so the mapping is the peer-named presets (kernels/config.py):
+Liger's loss types follow TRL's, so the mapping is the peer-named presets (sdar_kernels/config.py):
 
     Liger                                   sdar_kernels
     loss_type="grpo"                        preset "trl_grpo", normalizer = B (masked rows count)

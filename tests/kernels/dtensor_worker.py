@@ -161,7 +161,7 @@ def main(out_dir: str) -> None:
         res[f"window_{name}_loss"] = _rel(total, ref_loss.detach())
         res[f"window_{name}_grads"] = {k: _rel(got[k], ref[k]) for k in ref}
 
-    # the torch.library op (kernels/ops.py) gathers a DTensor weight eagerly before the op
+    # the torch.library op (sdar_kernels/ops.py) gathers a DTensor weight eagerly before the op
     cfg = LossConfig.preset("sdar", backend="torch", kl_coef=0.05)
     single, m = copy.deepcopy(base), sharded()
     full, b = _batch(), _batch(half)

@@ -1,4 +1,4 @@
-"""DTensor (FSDP2) lm_head operands: the loss gathers them differentiably (kernels/dtensor.py).
+"""DTensor (FSDP2) lm_head operands: the loss gathers them differentiably (sdar_kernels/dtensor.py).
 
 One torchrun launch of dtensor_worker.py (2 gloo ranks, CPU, float64) shards a tiny model with
 ``fully_shard``; every check compares with an unsharded copy run in the same process (see the

@@ -1,4 +1,4 @@
-"""Top-k distillation (divergence "topk_forward_kl", kernels/topk.py) against the float64 oracle.
+"""Top-k distillation (divergence "topk_forward_kl", sdar_kernels/topk.py) against the float64 oracle.
 
 The oracle (reference.reference_topk_divergence) gathers from full [N, V] float64 log-probs; the
 fused backends never build them (k gather-dots per token + the LSE from the statistics pass).

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # source folder -> installed import name (setup.py's PACKAGE_DIRS)
-FOLDERS = {"kernels": "sdar_kernels", "envs": "sdar_envs", "sdar_engine": "sdar_engine",
+FOLDERS = {"sdar_kernels": "sdar_kernels", "envs": "sdar_envs", "sdar_engine": "sdar_engine",
            "benchmarks": "sdar_benchmarks"}
 BUILD_FILES = ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "requirements")
 WARNING = re.compile(r"warning|deprecat|would be ignored", re.IGNORECASE)

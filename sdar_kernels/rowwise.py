@@ -128,7 +128,7 @@ class RowOps(Protocol):
 class TorchRows:
     """RowOps of the PyTorch backend: row statistics and dL/dz in the accumulation dtype (fp32,
     fp64 for fp64). GEMMs: 16-bit inputs on a GPU run on tensor cores with fp32 output and fp32
-    accumulation (kernels/gemm.py; no fp32 copy of W, dL/dz rounded to the input dtype for the
+    accumulation (sdar_kernels/gemm.py; no fp32 copy of W, dL/dz rounded to the input dtype for the
     gradient GEMMs, as the Triton paths do); elsewhere in the accumulation dtype on upcast operands."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], data: dict, cfg: LossConfig):

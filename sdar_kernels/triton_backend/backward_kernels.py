@@ -3,7 +3,7 @@
 For one vocab chunk [v_lo, v_hi) a program per (token tile x vocab tile) recomputes the
 student tile (and the teacher tile when the divergence gradient needs q), forms in fp32
 
-    dL/dz = g_logp (e_y - p) - g_ent p (log p + H) + g_div dD/dz        (kernels/stats.py)
+    dL/dz = g_logp (e_y - p) - g_ent p (log p + H) + g_div dD/dz        (sdar_kernels/stats.py)
 
 and stores it, cast to the GEMM dtype, into a bounded [N, chunk] scratch that cuBLAS turns
 into dL/dh and dL/dW. Per token-tile column sums of dL/dz (fp32) feed dL/db. Nothing is

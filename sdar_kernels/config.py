@@ -11,7 +11,7 @@ KL_TYPES = ("k1", "k2", "k3", "k1+", "k3+", "k3_unclamped")
 RATIO_LEVELS = ("token", "sequence", "sequence_token")
 GATES = ("gap", "entropy", "soft_or", "none")
 DIVERGENCES = ("sampled", "reverse_kl", "forward_kl", "jsd", "topk_forward_kl")
-TOPK_TAILS = ("renorm", "tail", "truncated")  # kernels/topk.py, docs/topk_distillation.md
+TOPK_TAILS = ("renorm", "tail", "truncated")  # sdar_kernels/topk.py, docs/topk_distillation.md
 TEACHER_USES = ("none", "sdar", "skill_sd", "rlsd")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 REFERENCE_DTYPES = ("input", "float32", "float64")
@@ -38,7 +38,7 @@ class LossConfig:
     dL/dW during the forward from whole vocabulary rows of a token chunk (3 lm_head GEMM passes
     instead of 4; exact, as the loss is a scalar). On the triton backend ("auto" on CUDA) the
     logits and gradient GEMMs run on cuBLAS with fp32 output and Triton row kernels do the
-    vocabulary work (kernels/triton_backend/rows.py). Off, the per-token statistics op
+    vocabulary work (sdar_kernels/triton_backend/rows.py). Off, the per-token statistics op
     (linear_stats) runs and its backward recomputes the logit tiles. ``ratio_level`` "sequence" and
     "sequence_token" couple the tokens of a sequence (a token's coefficient needs the whole sequence's
     log-ratio), so they always take that linear_stats + epilogue path: ``grad_in_forward`` is ignored.
@@ -77,7 +77,7 @@ class LossConfig:
     gate_beta: float = 5.0
     divergence: str = "sampled"
     jsd_beta: float = 0.5
-    # divergence "topk_forward_kl": teacher top-k ids/log-probs in, KL over them (kernels/topk.py)
+    # divergence "topk_forward_kl": teacher top-k ids/log-probs in, KL over them (sdar_kernels/topk.py)
     topk_tail: str = "renorm"
     # verl's log_prob_min_clamp (its default -10.0): both top-k log-prob sets clamped below; "truncated" only
     topk_logprob_min: Optional[float] = None
@@ -91,7 +91,7 @@ class LossConfig:
     vocab_chunk: int = 2048
     grad_in_forward: bool = True
     reference_dtype: str = "float64"
-    # value checks (kernels/input_checks.py): finite inputs and in-range targets on the tokens
+    # value checks (sdar_kernels/input_checks.py): finite inputs and in-range targets on the tokens
     # the loss reads, one host sync per call; off for CUDA graphs / torch.compile
     check_inputs: bool = True
 

@@ -7,7 +7,7 @@ values.
 
 `row_stats_kernel` (one read of the row; a second one for the JSD) writes, per row, into a
 [ROW_STATS, C] fp32 buffer: logp = (z_y - m) - log s, entropy, the divergence and its aux
-(KL(p||q) for reverse_kl, KL(p||M) for jsd, as in kernels/stats.py), and the shifts m, log s
+(KL(p||q) for reverse_kl, KL(p||M) for jsd, as in sdar_kernels/stats.py), and the shifts m, log s
 (m, log s of the teacher too) that `row_dlogits_kernel` uses to rebuild log p = (z - m) - log s.
 Accumulators are relative to the running max (no cancellation at |z| ~ 1e4).
 

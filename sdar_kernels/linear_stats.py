@@ -2,7 +2,7 @@
 
 ``linear_stats`` maps (hidden, lm_head, targets[, teacher]) to per-token (logp, entropy, div)
 through one ``torch.autograd.Function`` whose forward and backward call a backend of the
-kernels/stats.py contract. Upstream gradients arrive per token, so any O(N) loss composed on top
+sdar_kernels/stats.py contract. Upstream gradients arrive per token, so any O(N) loss composed on top
 (the SDAR epilogue, a user's own) gets exact dL/dh and dL/dW (no grad-in-forward shortcut that
 would ignore a per-token grad_output, cf. Liger PR #1298).
 """
@@ -128,7 +128,7 @@ def linear_stats(hidden: Tensor, weight: Tensor, targets: Tensor, spec: StatsSpe
     inputs are needed only for a full-vocabulary divergence; the teacher never gets a gradient.
     Returns TokenStats of [N] tensors in fp32 (fp64 for fp64 inputs). check_inputs: raise a
     ValueError naming the token when a hidden row (teacher row) the pass reads is non-finite or
-    a target id lies outside [0, V) there (one host sync; kernels/input_checks.py).
+    a target id lies outside [0, V) there (one host sync; sdar_kernels/input_checks.py).
     """
     _validate(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, spec)
     if mask is not None and mask.shape != (hidden.shape[0],):

@@ -1,4 +1,4 @@
-"""Triton statistics backend (kernels/stats.py contract): fused lm_head + softmax statistics.
+"""Triton statistics backend (sdar_kernels/stats.py contract): fused lm_head + softmax statistics.
 
 ``stats_forward`` / ``stats_backward`` have exactly the signatures of ``StatsBackend``.
 fp32 / bf16 / fp16 inputs run the Triton kernels (fp32 dot in IEEE precision, never TF32);

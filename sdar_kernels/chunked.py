@@ -1,4 +1,4 @@
-"""The PyTorch backend of the statistics contract (kernels/stats.py), chunked over tokens and vocab.
+"""The PyTorch backend of the statistics contract (sdar_kernels/stats.py), chunked over tokens and vocab.
 
 Logit tiles of at most ``token_chunk x vocab_chunk`` elements exist at any time; per-token state
 is merged tile by tile with an online log-sum-exp. Every accumulator is kept *relative to the
@@ -93,7 +93,7 @@ def _jsd_tile(lp: Tensor, lq: Tensor, beta: float) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def stats_forward(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias,
                   spec: StatsSpec) -> Stats:
-    """Per-token statistics (see kernels/stats.py); hidden [N, H], weight [V, H], targets [N]."""
+    """Per-token statistics (see sdar_kernels/stats.py); hidden [N, H], weight [V, H], targets [N]."""
     n, v = hidden.shape[0], weight.shape[0]
     acc = accum_dtype(hidden.dtype)
     tau, div = spec.temperature, spec.divergence
@@ -157,7 +157,7 @@ def _jsd_forward(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_b
 
 def div_grad(p: Tensor, lp: Tensor, lq: Tensor, aux: Optional[Tensor], g_div: Tensor, divergence: str,
              beta: float) -> Tensor:
-    """g_div * dD/dz for one tile (kernels/stats.py): p, log p, log q [n, v]; aux = KL(p||q) for
+    """g_div * dD/dz for one tile (sdar_kernels/stats.py): p, log p, log q [n, v]; aux = KL(p||q) for
     reverse_kl, KL(p||M) for jsd."""
     if divergence == "reverse_kl":
         return g_div[:, None] * p * (lp - lq - aux[:, None])
@@ -168,7 +168,7 @@ def div_grad(p: Tensor, lp: Tensor, lq: Tensor, aux: Optional[Tensor], g_div: Te
 
 
 def _dlogits(z, lse, y_local, inside, g_logp, g_entropy, entropy, g_div, zt, tlse, div_aux, spec):
-    """dL/dz for one tile (fp32/fp64), the per-token linear combination of kernels/stats.py.
+    """dL/dz for one tile (fp32/fp64), the per-token linear combination of sdar_kernels/stats.py.
 
     Overwrites z; the common case (log-prob gradient only) runs three in-place passes."""
     lp = z.sub_(lse[:, None])
@@ -192,7 +192,7 @@ def _dlogits(z, lse, y_local, inside, g_logp, g_entropy, entropy, g_div, zt, tls
 def stats_backward(hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias,
                    spec: StatsSpec, stats: Stats, g_logp, g_entropy, g_div,
                    need_hidden: bool, need_weight: bool, need_bias: bool):
-    """Gradients (dL/dh, dL/dW, dL/db) from per-token upstream gradients; see kernels/stats.py."""
+    """Gradients (dL/dh, dL/dW, dL/db) from per-token upstream gradients; see sdar_kernels/stats.py."""
     n, v = hidden.shape[0], weight.shape[0]
     acc = accum_dtype(hidden.dtype)
     tau = spec.temperature

@@ -66,7 +66,7 @@ def _follow_hidden_dtype(hidden: Tensor, backend: str, **tensors: Optional[Tenso
             for k, t in tensors.items()}
 
 
-@localize  # DTensor (FSDP2) weight / bias: gathered differentiably (kernels/dtensor.py)
+@localize  # DTensor (FSDP2) weight / bias: gathered differentiably (sdar_kernels/dtensor.py)
 @_own_precision
 def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
                           with_entropy: bool = False, bias: Optional[Tensor] = None,
@@ -78,7 +78,7 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, tempe
     and return 0). Returns (logp [N], entropy [N] or None) in fp32 (fp64 for fp64 input),
     differentiable w.r.t. hidden, weight and bias. check_inputs: raise a ValueError naming the
     token when a hidden row the pass reads is non-finite or a target id lies outside [0, V)
-    (one host sync; kernels/input_checks.py).
+    (one host sync; sdar_kernels/input_checks.py).
     """
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} is invalid; expected a number > 0")
@@ -135,7 +135,7 @@ def _flatten_rows(b: int, t: int, name: str, x: Optional[Tensor], per_row: bool 
     return x.reshape(b * t, *x.shape[2:])
 
 
-@localize  # DTensor (FSDP2) weight / bias: gathered differentiably (kernels/dtensor.py)
+@localize  # DTensor (FSDP2) weight / bias: gathered differentiably (sdar_kernels/dtensor.py)
 @_own_precision
 def fused_linear_sdar_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor,
                            old_logprobs: Optional[Tensor], loss_mask: Tensor,

@@ -22,11 +22,13 @@ install: $(STAMP)
 
 # Everything: the project with every CPU extra (setup.py: all = engine + envs + bench), the pinned
 # requirements and the peer libraries. TORCH_SPEC is passed again so no requirement can move torch.
+# PYTHONWARNINGS: an editable install of mapped folders (envs/ -> sdar_envs, benchmarks/ ->
+# sdar_benchmarks, on purpose) makes setuptools print a page-long "Editable installation" notice.
 $(STAMP): setup.py pyproject.toml $(REQS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[all,dev]" $(foreach f,$(filter-out $(NODEPS_REQS),$(REQS)),-r $(f)) "$(TORCH_SPEC)"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e ".[all,dev]" $(foreach f,$(filter-out $(NODEPS_REQS),$(REQS)),-r $(f)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --no-deps $(foreach f,$(NODEPS_REQS),-r $(f))
 	touch $@
 

@@ -129,6 +129,11 @@ class WarmstartConfig:
     batch_samples: int = 32          # step samples per optimizer step
     noise: float = 0.0               # DART: P(an expert step executes a random action instead)
     teacher_prompts: bool = False    # also train on the skill-prefixed (teacher) prompt of each step
+    # with teacher_prompts: the student-prompt samples come from an expert searching this way instead
+    # (env.options.expert_search values, e.g. "handcoded" while the env's expert reads the skills'
+    # "prior"): the student imitates an expert that does not know where objects lie, the skill-prefixed
+    # samples one that does. None: both from the env's own expert (the same actions).
+    student_expert_search: Optional[str] = None
 
 
 @dataclass
@@ -269,6 +274,13 @@ def validate(cfg: TrainConfig, check_paths: bool = True) -> TrainConfig:
             _fail(key, value, "in (0, 1]" if key.endswith("top_p") else "a number > 0")
     if not isinstance(cfg.warmstart.teacher_prompts, bool):
         _fail("warmstart.teacher_prompts", cfg.warmstart.teacher_prompts, "true or false")
+    if cfg.warmstart.student_expert_search is not None:
+        if not cfg.warmstart.teacher_prompts:
+            _fail("warmstart.student_expert_search", cfg.warmstart.student_expert_search,
+                  "null unless warmstart.teacher_prompts is true (it labels the student half of those samples)")
+        if not isinstance(cfg.warmstart.student_expert_search, str) or not cfg.warmstart.student_expert_search:
+            _fail("warmstart.student_expert_search", cfg.warmstart.student_expert_search,
+                  "null or an env.options.expert_search value such as 'handcoded'")
     if not 0.0 <= cfg.warmstart.noise < 1.0:
         _fail("warmstart.noise", cfg.warmstart.noise, "a probability in [0, 1)")
     if not 0.0 <= cfg.algo.gamma <= 1.0:

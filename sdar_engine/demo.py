@@ -32,7 +32,20 @@ def collect_expert(cfg: TrainConfig, env: Any) -> tuple[list, float]:
                                  seed=cfg.train.seed, retrieval=cfg.env.retrieval)
     log.info("expert: %d episodes, %d steps, success %.2f with noise %.2f (%.1fs)", n, len(steps), success,
              cfg.warmstart.noise, time.perf_counter() - t0)
-    return steps, success
+    search = cfg.warmstart.student_expert_search
+    if search is None:
+        return steps, success
+    # the student-prompt samples from a second expert on the same tasks (e.g. one that does not read
+    # the skills); the env's own expert then labels the skill-prefixed prompts only
+    options = {**cfg.env.options, "expert_search": search}
+    other = make_env(dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, options=options)), "train")
+    student, student_success = play_expert(other, tasks, max_turns=cfg.rollout.max_turns,
+                                           noise=cfg.warmstart.noise, seed=cfg.train.seed,
+                                           retrieval=cfg.env.retrieval)
+    log.info("student-prompt expert (expert_search=%s): %d steps, success %.2f; skill-prompt expert: %d steps",
+             search, len(student), student_success, len(steps))
+    return ([dataclasses.replace(s, role="student") for s in student]
+            + [dataclasses.replace(s, role="teacher") for s in steps]), success
 
 
 def build_model(cfg: TrainConfig, run_dir: Path, steps: list) -> TrainConfig:

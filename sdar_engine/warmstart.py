@@ -27,13 +27,18 @@ log = logging.getLogger("sdar.warmstart")
 
 @dataclass
 class ExpertStep:
-    """One expert step as text: the student prompt, the teacher prompt and the raw action."""
+    """One expert step as text: the student prompt, the teacher prompt and the raw action.
+
+    ``role``: which prompts the step labels in a warm-start with teacher prompts: "both", or only
+    the "student" / "teacher" prompt (warmstart.student_expert_search: two experts, one per prompt).
+    """
 
     prompt: str
     teacher: str
     action: str
     episode: int
     step: int
+    role: str = "both"
 
 
 def play_expert(env: Any, task_ids: Sequence[str], max_turns: int = 0, batch: int = 16,
@@ -98,12 +103,16 @@ def expert_samples(steps: Sequence[ExpertStep], tokenizer: Any, max_prompt_token
     """Tokenize expert steps: chat-rendered prompt -> action text + end-of-turn token.
 
     ``teacher_prompts``: each step gives a second sample, its skill-prefixed teacher prompt with
-    the same expert action (len(steps) student samples, then len(steps) teacher ones), so the
-    warm-started weights learn to read the skills the SDAR teacher is shown.
+    the same expert action (the student samples, then the teacher ones), so the warm-started
+    weights learn to read the skills the SDAR teacher is shown; a step whose ``role`` is
+    "student" / "teacher" gives only that sample. Without ``teacher_prompts`` every step but the
+    teacher-only ones gives its student sample.
     """
     eot = stop_token_ids(tokenizer)[0]
-    prompts = [s.prompt for s in steps] + ([s.teacher for s in steps] if teacher_prompts else [])
-    chosen = list(steps) * (2 if teacher_prompts else 1)
+    student = [s for s in steps if s.role != "teacher"]
+    teacher = [s for s in steps if s.role != "student"] if teacher_prompts else []
+    prompts = [s.prompt for s in student] + [s.teacher for s in teacher]
+    chosen = student + teacher
     return [Sample(prompt_ids=render_prompt_ids(tokenizer, text, max_prompt_tokens),
                    response_ids=tokenizer(s.action, add_special_tokens=False)["input_ids"] + [eot],
                    group=s.episode, episode=s.episode, step=s.step) for text, s in zip(prompts, chosen)]

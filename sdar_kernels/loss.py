@@ -75,11 +75,21 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, tempe
     """Per-token log p(y_i) (and entropy, nats) of softmax((W h + b) / temperature), no [N, V] logits.
 
     hidden [N, H], weight [V, H], targets [N] int64, mask [N] optional (masked tokens cost no FLOPs
-    and return 0). Returns (logp [N], entropy [N] or None) in fp32 (fp64 for fp64 input),
+    and return 0); or batched: hidden [B, T, H] with targets / mask [B, T], outputs [B, T].
+    Returns (logp [N], entropy [N] or None) in fp32 (fp64 for fp64 input),
     differentiable w.r.t. hidden, weight and bias. check_inputs: raise a ValueError naming the
     token when a hidden row the pass reads is non-finite or a target id lies outside [0, V)
     (one host sync; sdar_kernels/input_checks.py).
     """
+    if hidden.dim() == 3:
+        b, t = hidden.shape[:2]
+        for name, x in (("targets", targets), ("mask", mask)):
+            if x is not None and tuple(x.shape) != (b, t):
+                raise ValueError(f"{name} must be [B, T]=[{b}, {t}] with hidden [B, T, H]; got shape {tuple(x.shape)}")
+        logp, ent = fused_linear_logprobs(hidden.reshape(b * t, -1), weight, targets.reshape(-1), temperature,
+                                          with_entropy, bias, None if mask is None else mask.reshape(-1), backend,
+                                          token_chunk, vocab_chunk, check_inputs)
+        return logp.reshape(b, t), (None if ent is None else ent.reshape(b, t))
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} is invalid; expected a number > 0")
     for name, value in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):

@@ -308,3 +308,21 @@ def test_kl_ratio_weighted_is_trls_bias_corrected_kl_by_hand(level, rows):
 def test_kl_ratio_weighted_must_be_a_bool():
     with pytest.raises(ValueError, match="kl_ratio_weighted"):
         LossConfig(kl_ratio_weighted=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_fused_linear_logprobs_takes_batched_hidden(backend):
+    """[B, T, H] hidden with [B, T] targets / mask: the same numbers as the flattened call, shaped [B, T]."""
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(3, 5, 31, generator=g, dtype=torch.float64)
+    w = torch.randn(123, 31, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 123, (3, 5), generator=g)
+    m = (torch.rand(3, 5, generator=g) > 0.3).double()
+    logp, ent = fused_linear_logprobs(h, w, y, 0.7, True, mask=m, backend=backend)
+    flat_logp, flat_ent = fused_linear_logprobs(h.reshape(15, 31), w, y.reshape(-1), 0.7, True, mask=m.reshape(-1),
+                                                backend=backend)
+    assert logp.shape == ent.shape == (3, 5)
+    assert torch.equal(logp.reshape(-1), flat_logp) and torch.equal(ent.reshape(-1), flat_ent)
+    assert float(logp.abs().sum()) > 0
+    with pytest.raises(ValueError, match="targets must be"):
+        fused_linear_logprobs(h, w, y.reshape(-1), backend=backend)

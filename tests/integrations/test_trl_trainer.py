@@ -38,9 +38,9 @@ class GradRecorder(TrainerCallback):
         self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
-def _train(cls, tmp_path, **kwargs):
+def _train(cls, tmp_path, steps: dict = STEPS, **kwargs):
     rec = GradRecorder()
-    tr = make_trainer(cls, tiny_llama(seed=0), tmp_path, callbacks=[rec], args=dict(STEPS), **kwargs)
+    tr = make_trainer(cls, tiny_llama(seed=0), tmp_path, callbacks=[rec], args=dict(steps), **kwargs)
     completions = []
     original = tr._generate_and_score_completions
 
@@ -76,6 +76,18 @@ def test_three_steps_match_trl(tmp_path):
     # TRL's metrics are still logged
     logged = {k for h in ours.state.log_history for k in h}
     assert {"entropy", "clip_ratio/region_mean", "reward"} <= logged
+
+
+def test_first_step_matches_trl_with_its_default_optimizer(tmp_path):
+    """TRL's default AdamW: the first step's loss and every gradient equal TRL's to 1e-5; the second step
+    samples the same completions (its gradients then drift by ~5e-4, see STEPS above)."""
+    steps = {**STEPS, "optim": "adamw_torch", "learning_rate": 1e-3, "max_steps": 2}
+    ours, our_grads, our_losses, our_completions = _train(SDARGRPOTrainer, tmp_path / "sdar", steps)
+    peer, peer_grads, peer_losses, peer_completions = _train(trl.GRPOTrainer, tmp_path / "trl", steps)
+    assert ours.fused_loss_calls == 4 and ours.fallback_loss_calls == 0
+    assert abs(our_losses[0] - peer_losses[0]) <= 1e-5 * abs(peer_losses[0]) + 1e-12
+    assert max(_rel(our_grads[0][n], peer_grads[0][n]) for n in peer_grads[0]) < 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(our_completions, peer_completions))
 
 
 def test_unsupported_option_warns_once_and_trains_with_trl_loss(tmp_path, caplog):

@@ -358,12 +358,10 @@ class SDARGRPOTrainer(GRPOTrainer):
                                              completion_mask[sl])
             if self.args.cast_lm_head_to_fp32:
                 hidden = hidden.float()
-            b, c, hdim = hidden.shape
-            logp, _ = fused_linear_logprobs(hidden.reshape(b * c, hdim), weight, completion_ids[sl].reshape(-1),
-                                            temperature=cfg.temperature, bias=bias,
-                                            mask=completion_mask[sl].reshape(-1), backend=cfg.backend,
+            logp, _ = fused_linear_logprobs(hidden, weight, completion_ids[sl], temperature=cfg.temperature,
+                                            bias=bias, mask=completion_mask[sl], backend=cfg.backend,
                                             token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk)
-            out.append(logp.view(b, c))
+            out.append(logp)
         return torch.cat(out, 0)
 
 

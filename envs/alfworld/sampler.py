@@ -16,6 +16,14 @@ from .problem import Obj, Receptacle, RoomSpec
 
 TEST_FRACTION_MOD = 4  # 1 in 4 combinations / layouts is reserved for the test split
 _MAX_TRIES = 2000
+# How objects are put in receptacles: "uniform" (any receptacle that can hold the class, equally
+# likely) or "habitual" (each class has a fixed ranking of the receptacle kinds that can hold it, and
+# a home of rank r is HABIT_DECAY**r times as likely as one of rank 0, as mugs in AI2-THOR are
+# mostly in cabinets or the coffee machine), and the task's object finds its best-ranked home in
+# the room. The ranking is a stable hash of (class, kind), the same in train and test games, so
+# train-split statistics predict where a test game's object lies.
+PLACEMENTS = ("uniform", "habitual")
+HABIT_DECAY = 0.15
 
 
 def _is_test_key(key: str) -> bool:
@@ -70,7 +78,16 @@ def _recep_id(cls: str, coord: str) -> str:
     return f"{cls}|{coord}"
 
 
-def _place(rng: random.Random, spec: RoomSpec, cls: str, avoid: str, used: set[str]) -> bool:
+def habit_rank(cls: str, kind: str) -> int:
+    """Rank of receptacle ``kind`` among the kinds that can hold object ``cls`` (0 = its habitual
+    home) under ``placement="habitual"``; a stable hash, so every split shares it."""
+    kinds = sorted((k for k, objs in CAN_CONTAIN.items() if cls in objs),
+                   key=lambda k: (zlib.crc32(f"habit|{cls}|{k}".encode()), k))
+    return kinds.index(kind)
+
+
+def _place(rng: random.Random, spec: RoomSpec, cls: str, avoid: str, used: set[str],
+           placement: str = "uniform") -> bool:
     homes = [i for i, r in enumerate(spec.receptacles)
              if cls in CAN_CONTAIN.get(r.cls, ()) and r.cls != avoid]
     if not homes:
@@ -79,7 +96,12 @@ def _place(rng: random.Random, spec: RoomSpec, cls: str, avoid: str, used: set[s
     while oid in used:
         oid = f"{cls}|{_coord(rng)}"
     used.add(oid)
-    spec.objects.append(Obj(cls, oid, rng.choice(homes)))
+    if placement == "habitual":
+        weights = [HABIT_DECAY ** habit_rank(cls, spec.receptacles[i].cls) for i in homes]
+        home = rng.choices(homes, weights=weights)[0]
+    else:
+        home = rng.choice(homes)
+    spec.objects.append(Obj(cls, oid, home))
     return True
 
 
@@ -97,12 +119,12 @@ def _build_room(rng: random.Random, spec: RoomSpec, classes: list[str]) -> None:
     spec.agent_loc = f"loc|{x}|{z}|{rng.choice((0, 90, 180, 270))}|30"
 
 
-def _populate(rng: random.Random, spec: RoomSpec, size: RoomSize) -> bool:
+def _populate(rng: random.Random, spec: RoomSpec, size: RoomSize, placement: str) -> bool:
     """Place targets, the lamp and distractors; False if the targets have no legal home."""
     used: set[str] = set()
     n_targets = rng.randint(2, 3) if spec.task_type == "pick_two_obj" else 1
     for _ in range(n_targets):
-        if not _place(rng, spec, spec.object_target, spec.parent_target, used):
+        if not _place(rng, spec, spec.object_target, spec.parent_target, used, placement):
             return False
     if spec.toggle_target:
         hosts = [i for i, r in enumerate(spec.receptacles) if r.cls in LAMP_HOSTS]
@@ -112,17 +134,20 @@ def _populate(rng: random.Random, spec: RoomSpec, size: RoomSize) -> bool:
     tries = 0
     while len(spec.objects) < n_total and tries < 10 * size.max_objects:
         tries += 1
-        _place(rng, spec, rng.choice(distractors), "", used)
+        _place(rng, spec, rng.choice(distractors), "", used, placement)
     return True
 
 
 def sample_spec(rng: random.Random, task_type: str, room_size: str = "small",
-                test: bool = False) -> RoomSpec:
+                test: bool = False, placement: str = "uniform") -> RoomSpec:
     """Draw a valid room + task of ``task_type`` whose combo/layout belong to the split.
 
-    Raises ValueError for an unknown task type or room size; RuntimeError if no valid spec
-    is found (a catalogue bug, not bad luck: the search space is large).
+    ``placement``: "uniform" | "habitual" (see ``PLACEMENTS``). Raises ValueError for an unknown
+    task type, room size or placement; RuntimeError if no valid spec is found (a catalogue bug,
+    not bad luck: the search space is large).
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r} is not valid; use one of {list(PLACEMENTS)}")
     if task_type not in SHORT_TYPES:
         raise ValueError(f"task_type={task_type!r} is not valid; use one of {SHORT_TYPES}")
     if room_size not in ROOM_SIZES:
@@ -137,6 +162,11 @@ def sample_spec(rng: random.Random, task_type: str, room_size: str = "small",
         if combo_is_test(task_type, obj, parent or toggle) != test:
             continue
         required = [c for c in (parent, NEEDED_APPLIANCE.get(task_type)) if c]
+        if placement == "habitual":  # the target's habitual home is in its room, as a mug's cabinet
+            homes = [r for r in ROOM_RECEPTACLES[room] if obj in CAN_CONTAIN.get(r, ()) and r != parent]
+            best = min(homes, key=lambda r: habit_rank(obj, r)) if homes else None
+            if best and best not in required:
+                required.append(best)
         if toggle:
             required.append(rng.choice([h for h in LAMP_HOSTS if h in ROOM_RECEPTACLES[room]]))
         spec = RoomSpec(room, task_type, obj, parent, toggle)
@@ -145,6 +175,6 @@ def sample_spec(rng: random.Random, task_type: str, room_size: str = "small",
         _build_room(rng, spec, classes)
         if layout_is_test(spec.layout_signature()) != test:
             continue
-        if _populate(rng, spec, size):
+        if _populate(rng, spec, size, placement):
             return spec
     raise RuntimeError(f"no valid {task_type} room found in {_MAX_TRIES} tries")

@@ -24,7 +24,7 @@ from ..cache import cache_root
 from .catalog import FULL_TO_SHORT, MAX_STEPS, ROOM_SIZES, SHORT_TYPES, TASK_TYPES
 from .game import AlfworldGame
 from .gamefiles import GAME_FILE, TRAJ_FILE, load_game_data, write_game_dir
-from .sampler import sample_spec
+from .sampler import PLACEMENTS, sample_spec
 
 log = logging.getLogger("sdar_envs.alfworld")
 
@@ -62,7 +62,7 @@ class AlfworldSuite:
     def __init__(self, seed: int = 0, num_train: int | None = None, num_test: int | None = None,
                  room_size: str = "small", data_dir: str | None = None,
                  max_steps: int = MAX_STEPS, task_types: list[str] | None = None,
-                 expert_search: str = "handcoded") -> None:
+                 expert_search: str = "handcoded", placement: str = "uniform") -> None:
         if not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} is not valid; use an int")
         _check_count("num_train", num_train)
@@ -75,12 +75,14 @@ class AlfworldSuite:
             raise ValueError(f"task_types={task_types!r} is not valid; use a non-empty list of {list(SHORT_TYPES)}")
         if expert_search not in EXPERT_SEARCH:
             raise ValueError(f"expert_search={expert_search!r} is not valid; use one of {list(EXPERT_SEARCH)}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement={placement!r} is not valid; use one of {list(PLACEMENTS)}")
         self.task_types = list(task_types) if task_types is not None else list(SHORT_TYPES)
-        self.expert_search = expert_search
+        self.expert_search, self.placement = expert_search, placement
         self._search_prior = None
         if expert_search == "prior":
             from .placement import bundled_search_prior  # placement imports this module
-            self._search_prior = bundled_search_prior()
+            self._search_prior = bundled_search_prior(placement)
         self.seed, self.room_size, self.max_steps = seed, room_size, max_steps
         self.counts = {"train": num_train, "test": num_test}
         if data_dir is None:  # the wheel sets $ALFWORLD_DATA itself: use it only if it has games
@@ -92,8 +94,11 @@ class AlfworldSuite:
             self._files = {s: self._scan(s) for s in SPLIT_DIRS}
             self.root = self.data_dir
         else:
-            key = json.dumps({"v": GENERATOR_VERSION, "seed": seed, "room_size": room_size,
-                              "max_steps": max_steps}, sort_keys=True)
+            fields = {"v": GENERATOR_VERSION, "seed": seed, "room_size": room_size,
+                      "max_steps": max_steps}
+            if placement != "uniform":  # uniform games keep the cache key they always had
+                fields["placement"] = placement
+            key = json.dumps(fields, sort_keys=True)
             self.root = cache_root() / "alfworld" / hashlib.sha1(key.encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ task ids
@@ -132,7 +137,10 @@ class AlfworldSuite:
             game_dir = base / f"{index:05d}-a{attempt}"
             if not (game_dir / GAME_FILE).exists():
                 key = f"{self.seed}|{self.room_size}|{split}|{task_type}|{index}|{attempt}"
-                spec = sample_spec(random.Random(key), task_type, self.room_size, split == "test")
+                if self.placement != "uniform":
+                    key += f"|{self.placement}"
+                spec = sample_spec(random.Random(key), task_type, self.room_size, split == "test",
+                                   self.placement)
                 won, walk, sec = write_game_dir(game_dir, spec, key)
                 log.info("generated %s (%s, solvable=%s, %d expert steps, %.2fs)",
                          game_dir, spec.layout_signature(), won, len(walk), sec)
@@ -182,9 +190,11 @@ def build_suite(seed: int = 0, **options: object) -> AlfworldSuite:
     data_dir (downloaded games; default $ALFWORLD_DATA, else generated), max_steps (50),
     task_types (a subset of the six short type names; default all), expert_search
     ("handcoded": ALFWorld's room-order search | "prior": search receptacle kinds in the order
-    of the bundled train-split placement skills, envs/skill_banks/alfworld_placement.json)."""
+    of the bundled train-split placement skills of the suite's placement), placement ("uniform":
+    any receptacle that can hold an object, equally likely | "habitual": each object class has a
+    fixed ranking of homes, see ``sampler.PLACEMENTS``)."""
     allowed = {"num_train", "num_test", "room_size", "data_dir", "max_steps", "task_types",
-               "expert_search"}
+               "expert_search", "placement"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"options {unknown} are not valid for alfworld; use {sorted(allowed)}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sdar_envs.alfworld import build_suite
-from sdar_envs.alfworld.placement import (BUNDLED_BANK, bundled_search_prior, kinds_by_object,
+from sdar_envs.alfworld.placement import (BANK_DIR, bundled_search_prior, kinds_by_object,
                                           placement_skills)
 
 NUM_GAMES = 12
@@ -65,7 +65,7 @@ def test_bad_option_names_the_key():
 
 
 def test_prior_is_what_the_skills_state():
-    skills = json.loads(BUNDLED_BANK.read_text())["skills"]
+    skills = json.loads((BANK_DIR / "alfworld_placement.json").read_text())["skills"]
     prior = bundled_search_prior()
     assert len(prior) == len(skills) > 20
     for skill in skills:

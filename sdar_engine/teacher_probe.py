@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,7 +87,8 @@ def _sdar_gate_beta(cfg: Any) -> float:
 
 
 def probe_teacher(cfg: Any, model: Any, env: Any, eval_env: Any, *, tokenizer: Any = None,
-                  backend: Any = None, student_success: float | None = None) -> dict[str, float]:
+                  backend: Any = None, student_success: float | None = None,
+                  eval_seeds: int = 1) -> dict[str, float]:
     """Student vs teacher on the held-out tasks of ``cfg.env.eval_tasks`` (the eval set).
 
     cfg: the run's TrainConfig (rollout / env / algo sections are read; ``model.path`` gives the
@@ -94,9 +96,13 @@ def probe_teacher(cfg: Any, model: Any, env: Any, eval_env: Any, *, tokenizer: A
     env: the train env (not read; callers pass the (env, eval_env) pair they hold).
     eval_env: the held-out env. backend: a generation backend to reuse (default: a new one for
     ``model``). student_success: a greedy eval already measured with these weights, to skip the
-    student rollout. One process; returns
-    {student_success, teacher_success, gap_mean_expert, gate_mean_expert, gap_step_mean_expert,
-    expert_steps, probe_seconds}.
+    student rollout (seed 0 only). eval_seeds: with a sampling ``rollout.eval_temperature``, play
+    every held-out task this many times per prompt (seed k: ``sampling_seed("eval", train.seed)``
+    for k = 0, the eval's own draw, then ``sampling_seed("eval", train.seed, k)``); successes
+    are means over all games. One process; returns {student_success, teacher_success,
+    teacher_minus_student with its 95 % paired-bootstrap interval over tasks (diff_lo, diff_hi),
+    teacher_only_wins, student_only_wins, eval_games, gap_mean_expert, gate_mean_expert,
+    gap_step_mean_expert, expert_steps, probe_seconds}.
     """
     from sdar_engine.logprobs import model_device
     from sdar_engine.rollout import run_episodes, sampling_seed
@@ -114,24 +120,92 @@ def probe_teacher(cfg: Any, model: Any, env: Any, eval_env: Any, *, tokenizer: A
     backend = backend if backend is not None else make_backend(cfg, model, tokenizer, device)
     tasks = eval_tasks(eval_env.task_ids, cfg.env.eval_tasks)
 
-    def success(view: Any, desc: str) -> float:
+    if not isinstance(eval_seeds, int) or eval_seeds < 1:
+        raise ValueError(f"eval_seeds={eval_seeds!r} is not valid; use an int >= 1")
+    if cfg.rollout.eval_temperature == 0 and eval_seeds > 1:
+        raise ValueError(f"eval_seeds={eval_seeds} needs a sampling rollout.eval_temperature (> 0); "
+                         "greedy games repeat exactly")
+    reuse = student_success is not None and eval_seeds == 1
+
+    def won(view: Any, desc: str, k: int) -> list[bool]:
+        seed = sampling_seed("eval", cfg.train.seed) if k == 0 else sampling_seed("eval", cfg.train.seed, k)
         ro = run_episodes(view, backend, tokenizer, task_ids=tasks, group_size=1,
                           max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.eval_temperature,
                           top_p=1.0, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
-                          max_turns=cfg.rollout.max_turns, keep_samples=False, desc=desc,
-                          seed=sampling_seed("eval", cfg.train.seed))
-        return sum(ro.won) / max(1, len(ro.won))
+                          max_turns=cfg.rollout.max_turns, keep_samples=False, desc=desc, seed=seed)
+        return list(ro.won)
 
     was_training = model.training
     model.eval()
-    out = {"student_success": success(eval_env, "probe student") if student_success is None
-           else float(student_success),
-           "teacher_success": success(TeacherPromptEnv(eval_env, cfg.env.retrieval), "probe teacher")}
+    teacher_view = TeacherPromptEnv(eval_env, cfg.env.retrieval)
+    teacher = [w for k in range(eval_seeds) for w in won(teacher_view, f"probe teacher {k}", k)]
+    out: dict[str, float] = {"teacher_success": sum(teacher) / max(1, len(teacher))}
+    if reuse:
+        out["student_success"] = float(student_success)
+    else:
+        student = [w for k in range(eval_seeds) for w in won(eval_env, f"probe student {k}", k)]
+        out.update(paired_wins(student, teacher, len(tasks)))
     out.update(expert_gap(cfg, model, tokenizer, eval_env, tasks))
     model.train(was_training)
     out["probe_seconds"] = time.perf_counter() - t0
-    log.info("teacher probe on %d held-out tasks: student %.3f teacher %.3f gap_mean_expert %+.4f "
-             "gate_mean_expert %.3f (%d expert steps, %.0fs)", len(tasks), out["student_success"],
-             out["teacher_success"], out["gap_mean_expert"], out["gate_mean_expert"],
-             out["expert_steps"], out["probe_seconds"])
+    log.info("teacher probe on %d held-out tasks x %d seeds: student %.3f teacher %.3f gap_mean_expert "
+             "%+.4f gate_mean_expert %.3f (%d expert steps, %.0fs)", len(tasks), eval_seeds,
+             out["student_success"], out["teacher_success"], out["gap_mean_expert"],
+             out["gate_mean_expert"], out["expert_steps"], out["probe_seconds"])
     return out
+
+
+def paired_wins(student: list[bool], teacher: list[bool], n_tasks: int, resamples: int = 10_000,
+                seed: int = 0) -> dict[str, float]:
+    """Student vs teacher on the same games (index i: task i % n_tasks, same sampling seed).
+
+    teacher_minus_student is the success difference; diff_lo / diff_hi its 95 % percentile-
+    bootstrap interval, resampling tasks (a task's games under every seed move together).
+    """
+    from sdar_engine.study_stats import bootstrap_ci
+
+    if len(student) != len(teacher) or not student or len(student) % n_tasks:
+        raise ValueError(f"paired_wins: {len(student)} student and {len(teacher)} teacher games are not "
+                         f"whole rounds of the same {n_tasks} tasks")
+    per_task = [0.0] * n_tasks
+    for i, (s, t) in enumerate(zip(student, teacher)):
+        per_task[i % n_tasks] += (float(t) - float(s)) * n_tasks / len(student)
+    lo, hi = bootstrap_ci(per_task, resamples, seed)
+    return {"student_success": sum(student) / len(student), "teacher_minus_student": sum(per_task) / n_tasks,
+            "diff_lo": lo, "diff_hi": hi, "eval_games": float(len(student)),
+            "teacher_only_wins": float(sum(t and not s for s, t in zip(student, teacher))),
+            "student_only_wins": float(sum(s and not t for s, t in zip(student, teacher)))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sdar_engine.teacher_probe --config C --model DIR [--eval-seeds 3]``."""
+    import argparse
+    import dataclasses
+    import json
+
+    from sdar_engine.config import load_config
+    from sdar_engine.trainer import make_env
+
+    parser = argparse.ArgumentParser(description="Can the SDAR teacher use its skills? Student vs "
+                                     "teacher on the config's held-out games, and the expert gap.")
+    parser.add_argument("--config", required=True, help="a TrainConfig yaml (name in sdar_engine/configs or path)")
+    parser.add_argument("--model", required=True, help="local HF model directory (e.g. <study>/warmstart/model_warmstart)")
+    parser.add_argument("--eval-seeds", type=int, default=1, help="sampling seeds per task (eval_temperature > 0)")
+    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(args.config)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model))
+    eval_env = make_env(cfg, "test")
+    try:
+        out = probe_teacher(cfg, None, None, eval_env, eval_seeds=args.eval_seeds)
+    finally:
+        getattr(eval_env, "close", lambda: None)()
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -114,3 +114,32 @@ def test_warmstart_teacher_prompts_key_is_a_validated_bool():
     assert from_dict({}).warmstart.teacher_prompts is False
     with pytest.raises(ValueError, match="warmstart.teacher_prompts='yes'"):
         from_dict({"warmstart": {"teacher_prompts": "yes"}})
+
+
+def test_probe_over_several_sampling_seeds_pairs_the_same_games(tmp_path):
+    cfg = tiny_config(tmp_path, "env.eval_tasks=8", "rollout.max_new_tokens=24", "rollout.eval_temperature=0.5")
+    model, tok = _policy(cfg)
+    got = probe_teacher(cfg, model, None, FakeEnv("test", n_tasks=8), tokenizer=tok,
+                        backend=PromptReader(tok), eval_seeds=2)
+    # the reader ignores the seed: 2 rounds of the 8 tasks, the teacher wins 6 more per round
+    assert got["eval_games"] == 16 and got["student_success"] == 0.25 and got["teacher_success"] == 1.0
+    assert got["teacher_only_wins"] == 12 and got["student_only_wins"] == 0
+    assert got["teacher_minus_student"] == 0.75 and 0.0 < got["diff_lo"] <= 0.75 <= got["diff_hi"] <= 1.0
+    with pytest.raises(ValueError, match="eval_seeds=0"):
+        probe_teacher(cfg, model, None, FakeEnv("test", n_tasks=8), tokenizer=tok, eval_seeds=0)
+    greedy = tiny_config(tmp_path, "rollout.eval_temperature=0.0")
+    with pytest.raises(ValueError, match="eval_seeds=2 needs a sampling"):
+        probe_teacher(greedy, model, None, FakeEnv("test", n_tasks=8), tokenizer=tok, eval_seeds=2)
+
+
+def test_paired_wins_counts_each_task_once_per_round():
+    from sdar_engine.teacher_probe import paired_wins
+
+    student = [True, False, False, True, False, False]      # 3 tasks x 2 rounds
+    teacher = [True, True, False, False, True, False]
+    got = paired_wins(student, teacher, 3, resamples=2000)
+    assert got["student_success"] == 2 / 6 and got["teacher_minus_student"] == pytest.approx(1 / 6)
+    assert got["teacher_only_wins"] == 2 and got["student_only_wins"] == 1 and got["eval_games"] == 6
+    assert got["diff_lo"] <= 1 / 6 <= got["diff_hi"]
+    with pytest.raises(ValueError, match="whole rounds"):
+        paired_wins(student, teacher[:5], 3)

@@ -20,17 +20,8 @@ GARBAGE = ["", " ", "x" * 10_000, "ünïcödé 🙂 去厨房", "<action>go to c
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sdar_cache")
-    saved = {k: os.environ.get(k) for k in ("SDAR_CACHE", "ALFWORLD_DATA")}
-    os.environ["SDAR_CACHE"] = str(path)       # also seen by worker processes
-    os.environ.pop("ALFWORLD_DATA", None)
-    yield path
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def cache(fresh_alfworld_cache):
+    return fresh_alfworld_cache
 
 
 @pytest.fixture(scope="module")

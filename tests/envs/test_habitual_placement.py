@@ -7,7 +7,6 @@ Games are generated into a fresh cache (12 train + 12 test small rooms, ~10 s on
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 
@@ -23,17 +22,9 @@ NUM_GAMES = 12
 
 
 @pytest.fixture(scope="module")
-def suites(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("SDAR_CACHE", "ALFWORLD_DATA")}
-    os.environ["SDAR_CACHE"] = str(tmp_path_factory.mktemp("alf-habit-cache"))
-    os.environ.pop("ALFWORLD_DATA", None)
-    yield {search: build_suite(seed=0, num_train=NUM_GAMES, num_test=NUM_GAMES, placement="habitual",
-                               expert_search=search) for search in ("handcoded", "prior")}
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def suites(fresh_alfworld_cache):
+    return {search: build_suite(seed=0, num_train=NUM_GAMES, num_test=NUM_GAMES, placement="habitual",
+                                expert_search=search) for search in ("handcoded", "prior")}
 
 
 def _home_share(placement: str, n: int = 300) -> float:
@@ -83,7 +74,7 @@ def test_bad_placement_names_the_field():
         bundled_search_prior("tidy")
 
 
-def test_uniform_keeps_its_cache_key_and_habitual_games_live_apart():
+def test_uniform_keeps_its_cache_key_and_habitual_games_live_apart(fresh_alfworld_cache):
     # uniform games are the ones every earlier cache holds: adding the option must not move them
     assert build_suite(seed=0, placement="uniform").root == build_suite(seed=0).root
     assert build_suite(seed=0, placement="habitual").root != build_suite(seed=0).root

@@ -8,7 +8,6 @@ teacher's skill text; "handcoded" keeps ALFWorld's room-order search, also on en
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -22,17 +21,9 @@ NUM_GAMES = 12
 
 
 @pytest.fixture(scope="module")
-def suites(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("SDAR_CACHE", "ALFWORLD_DATA")}
-    os.environ["SDAR_CACHE"] = str(tmp_path_factory.mktemp("sdar_cache"))
-    os.environ.pop("ALFWORLD_DATA", None)
-    yield {mode: build_suite(seed=0, num_train=NUM_GAMES, expert_search=mode)
-           for mode in ("handcoded", "prior")}
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def suites(fresh_alfworld_cache):
+    return {mode: build_suite(seed=0, num_train=NUM_GAMES, expert_search=mode)
+            for mode in ("handcoded", "prior")}
 
 
 def _play(suite, task_id: str) -> tuple[list[str], bool, str]:

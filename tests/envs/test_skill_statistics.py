@@ -3,7 +3,6 @@
 The suite is generated into a fresh cache (12 train + 12 test small rooms, ~10 s on 2 cores).
 """
 import json
-import os
 
 import pytest
 
@@ -13,16 +12,8 @@ from sdar_envs.skills import BANK_DIR, load_skill_bank
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("SDAR_CACHE", "ALFWORLD_DATA")}
-    os.environ["SDAR_CACHE"] = str(tmp_path_factory.mktemp("alf-cache"))
-    os.environ.pop("ALFWORLD_DATA", None)
-    yield build_suite(seed=0, num_train=12, num_test=12, room_size="small")
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def suite(fresh_alfworld_cache):
+    return build_suite(seed=0, num_train=12, num_test=12, room_size="small")
 
 
 def _facts(skills):

@@ -73,7 +73,8 @@ def test_student_samples_come_from_the_other_expert(fresh_cache):
 
 
 def test_without_the_option_both_prompts_share_the_expert(fresh_cache):
-    cfg = _cfg()
+    cfg = _cfg("warmstart.student_expert_search=null")
+    assert cfg.warmstart.student_expert_search is None
     steps, _ = collect_expert(cfg, make_env(cfg, "train"))
     assert {s.role for s in steps} == {"both"}
 

@@ -46,7 +46,8 @@ class TeacherPromptEnv:
         return getattr(self._env, name)
 
 
-def expert_gap(cfg: Any, model: Any, tokenizer: Any, eval_env: Any, tasks: list[str]) -> dict[str, float]:
+def expert_gap(cfg: Any, model: Any, tokenizer: Any, eval_env: Any, tasks: list[str],
+               steps: list | None = None) -> dict[str, float]:
     """Teacher-minus-student log-prob of the expert's actions on ``tasks`` of ``eval_env``.
 
     Returns gap_mean_expert (nats/token), gate_mean_expert, gap_step_mean_expert (gap summed
@@ -58,7 +59,8 @@ def expert_gap(cfg: Any, model: Any, tokenizer: Any, eval_env: Any, tasks: list[
     from sdar_engine.rollout import stop_token_ids
     from sdar_engine.warmstart import play_expert
 
-    steps, _ = play_expert(eval_env, tasks, max_turns=cfg.rollout.max_turns, retrieval=cfg.env.retrieval)
+    if steps is None:
+        steps, _ = play_expert(eval_env, tasks, max_turns=cfg.rollout.max_turns, retrieval=cfg.env.retrieval)
     if not steps:
         raise ValueError("probe_teacher: the expert played no step on the held-out tasks")
     cap, eot = cfg.rollout.max_prompt_tokens, stop_token_ids(tokenizer)[0]
@@ -78,6 +80,32 @@ def expert_gap(cfg: Any, model: Any, tokenizer: Any, eval_env: Any, tasks: list[
             "expert_steps": float(len(samples))}
 
 
+def expert_agreement(cfg: Any, tokenizer: Any, backend: Any, steps: list, marker: str) -> dict[str, float]:
+    """How often greedy decoding reproduces the expert's action, student prompt vs teacher prompt,
+    on the expert steps whose raw action contains ``marker`` (e.g. "<action>go to": ALFWorld's
+    moves), over all of them and over each episode's first one (where a search starts, so where
+    a placement skill carries its information). Returns agree_student, agree_teacher,
+    agree_first_student, agree_first_teacher, agreement_steps, agreement_episodes.
+    """
+    from sdar_engine.prompt_fit import fit_prompt_ids
+
+    chosen = sorted((s for s in steps if marker in s.action), key=lambda s: (s.episode, s.step))
+    if not chosen:
+        raise ValueError(f"agreement marker={marker!r} is in none of the {len(steps)} expert actions")
+    firsts = list({s.episode: s for s in reversed(chosen)}.values())
+    cap = cfg.rollout.max_prompt_tokens
+
+    def agree(sel: list, which: str) -> float:
+        ids = [fit_prompt_ids(tokenizer, [getattr(s, which)], cap, f"{which} prompt") for s in sel]
+        outs = backend.generate(ids, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0, top_p=1.0)
+        said = [" ".join(tokenizer.decode(o, skip_special_tokens=True).split()) for o in outs]
+        return sum(g == " ".join(s.action.split()) for g, s in zip(said, sel)) / len(sel)
+
+    return {"agree_student": agree(chosen, "prompt"), "agree_teacher": agree(chosen, "teacher"),
+            "agree_first_student": agree(firsts, "prompt"), "agree_first_teacher": agree(firsts, "teacher"),
+            "agreement_steps": float(len(chosen)), "agreement_episodes": float(len(firsts))}
+
+
 def _sdar_gate_beta(cfg: Any) -> float:
     """The gate_beta SDAR trains with: the preset's unless ``algo.loss`` overrides it."""
     from sdar_kernels import LossConfig
@@ -88,7 +116,7 @@ def _sdar_gate_beta(cfg: Any) -> float:
 
 def probe_teacher(cfg: Any, model: Any, env: Any, eval_env: Any, *, tokenizer: Any = None,
                   backend: Any = None, student_success: float | None = None,
-                  eval_seeds: int = 1) -> dict[str, float]:
+                  eval_seeds: int = 1, agreement_marker: str | None = None) -> dict[str, float]:
     """Student vs teacher on the held-out tasks of ``cfg.env.eval_tasks`` (the eval set).
 
     cfg: the run's TrainConfig (rollout / env / algo sections are read; ``model.path`` gives the
@@ -102,7 +130,8 @@ def probe_teacher(cfg: Any, model: Any, env: Any, eval_env: Any, *, tokenizer: A
     are means over all games. One process; returns {student_success, teacher_success,
     teacher_minus_student with its 95 % paired-bootstrap interval over tasks (diff_lo, diff_hi),
     teacher_only_wins, student_only_wins, eval_games, gap_mean_expert, gate_mean_expert,
-    gap_step_mean_expert, expert_steps, probe_seconds}.
+    gap_step_mean_expert, expert_steps, probe_seconds}; with ``agreement_marker`` also the
+    ``expert_agreement`` keys.
     """
     from sdar_engine.logprobs import model_device
     from sdar_engine.rollout import run_episodes, sampling_seed
@@ -145,7 +174,12 @@ def probe_teacher(cfg: Any, model: Any, env: Any, eval_env: Any, *, tokenizer: A
     else:
         student = [w for k in range(eval_seeds) for w in won(eval_env, f"probe student {k}", k)]
         out.update(paired_wins(student, teacher, len(tasks)))
-    out.update(expert_gap(cfg, model, tokenizer, eval_env, tasks))
+    from sdar_engine.warmstart import play_expert
+
+    steps, _ = play_expert(eval_env, tasks, max_turns=cfg.rollout.max_turns, retrieval=cfg.env.retrieval)
+    out.update(expert_gap(cfg, model, tokenizer, eval_env, tasks, steps))
+    if agreement_marker:
+        out.update(expert_agreement(cfg, tokenizer, backend, steps, agreement_marker))
     model.train(was_training)
     out["probe_seconds"] = time.perf_counter() - t0
     log.info("teacher probe on %d held-out tasks x %d seeds: student %.3f teacher %.3f gap_mean_expert "
@@ -191,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="a TrainConfig yaml (name in sdar_engine/configs or path)")
     parser.add_argument("--model", required=True, help="local HF model directory (e.g. <study>/warmstart/model_warmstart)")
     parser.add_argument("--eval-seeds", type=int, default=1, help="sampling seeds per task (eval_temperature > 0)")
+    parser.add_argument("--agreement-marker", default=None,
+                        help='also measure greedy agreement with the expert on actions containing this '
+                             '(ALFWorld moves: "<action>go to")')
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -198,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model))
     eval_env = make_env(cfg, "test")
     try:
-        out = probe_teacher(cfg, None, None, eval_env, eval_seeds=args.eval_seeds)
+        out = probe_teacher(cfg, None, None, eval_env, eval_seeds=args.eval_seeds,
+                            agreement_marker=args.agreement_marker)
     finally:
         getattr(eval_env, "close", lambda: None)()
     text = json.dumps(out, indent=2)

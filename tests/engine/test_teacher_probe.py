@@ -143,3 +143,18 @@ def test_paired_wins_counts_each_task_once_per_round():
     assert got["diff_lo"] <= 1 / 6 <= got["diff_hi"]
     with pytest.raises(ValueError, match="whole rounds"):
         paired_wins(student, teacher[:5], 3)
+
+
+def test_expert_agreement_counts_greedy_matches_per_prompt(tmp_path):
+    cfg = tiny_config(tmp_path, "env.eval_tasks=8", "rollout.max_new_tokens=24")
+    model, tok = _policy(cfg)
+    got = probe_teacher(cfg, model, None, FakeEnv("test", n_tasks=8), tokenizer=tok,
+                        backend=PromptReader(tok), agreement_marker="go to")
+    # the expert goes to the task's place; the reader goes there only when a skill names it
+    # (teacher prompt), else to the desk, which is right for 2 of the 8 tasks
+    assert got["agreement_steps"] == 8 and got["agreement_episodes"] == 8
+    assert got["agree_teacher"] == got["agree_first_teacher"] == 1.0
+    assert got["agree_student"] == got["agree_first_student"] == 0.25
+    with pytest.raises(ValueError, match="marker='fly to'"):
+        probe_teacher(cfg, model, None, FakeEnv("test", n_tasks=8), tokenizer=tok,
+                      backend=PromptReader(tok), agreement_marker="fly to")

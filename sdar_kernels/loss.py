@@ -83,12 +83,9 @@ def fused_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, tempe
     """
     if hidden.dim() == 3:
         b, t = hidden.shape[:2]
-        for name, x in (("targets", targets), ("mask", mask)):
-            if x is not None and tuple(x.shape) != (b, t):
-                raise ValueError(f"{name} must be [B, T]=[{b}, {t}] with hidden [B, T, H]; got shape {tuple(x.shape)}")
-        logp, ent = fused_linear_logprobs(hidden.reshape(b * t, -1), weight, targets.reshape(-1), temperature,
-                                          with_entropy, bias, None if mask is None else mask.reshape(-1), backend,
-                                          token_chunk, vocab_chunk, check_inputs)
+        logp, ent = fused_linear_logprobs(hidden.reshape(b * t, -1), weight, _flatten_rows(b, t, "targets", targets),
+                                          temperature, with_entropy, bias, _flatten_rows(b, t, "mask", mask),
+                                          backend, token_chunk, vocab_chunk, check_inputs)
         return logp.reshape(b, t), (None if ent is None else ent.reshape(b, t))
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} is invalid; expected a number > 0")

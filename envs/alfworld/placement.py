@@ -16,7 +16,7 @@ no fact of a held-out game can enter a skill. One bundled bank per generator pla
 
 "uniform" games spread objects evenly over the receptacles that can hold them, so the skill's
 order saves the expert ~1 % of its steps; "habitual" games give each class fixed homes, and
-searching in the skill's order saves ~30 % (measured on 60 test games: 513 vs 783 steps).
+searching in the skill's order saves 34 % (measured on 60 test games: 513 vs 783 steps).
 """
 from __future__ import annotations
 

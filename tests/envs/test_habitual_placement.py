@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from sdar_envs.alfworld import build_suite
-from sdar_envs.alfworld.catalog import SHORT_TYPES
+from sdar_envs.alfworld.catalog import CAN_CONTAIN, ROOM_RECEPTACLES, SHORT_TYPES
 from sdar_envs.alfworld.placement import (BANK_DIR, bundled_search_prior, game_placements,
                                           kinds_by_object, placement_counts, placement_skills)
 from sdar_envs.alfworld.sampler import habit_rank, sample_spec
@@ -35,16 +35,11 @@ def _home_share(placement: str, n: int = 300) -> float:
                            placement=placement)
         kinds = {r.cls for r in spec.receptacles}
         for obj in spec.objects:
-            home = [k for k in kinds if obj.cls in _can_hold(k) and habit_rank(obj.cls, k) == 0]
+            home = [k for k in kinds if obj.cls in CAN_CONTAIN.get(k, ()) and habit_rank(obj.cls, k) == 0]
             if home:
                 total += 1
                 hits += spec.receptacles[obj.parent].cls == home[0]
     return hits / total
-
-
-def _can_hold(kind: str) -> frozenset:
-    from sdar_envs.alfworld.catalog import CAN_CONTAIN
-    return CAN_CONTAIN.get(kind, frozenset())
 
 
 def test_objects_keep_to_their_homes_only_when_habitual():
@@ -54,7 +49,6 @@ def test_objects_keep_to_their_homes_only_when_habitual():
 
 
 def test_the_task_object_finds_its_best_home_in_the_room():
-    from sdar_envs.alfworld.catalog import CAN_CONTAIN, ROOM_RECEPTACLES
     for i in range(120):
         spec = sample_spec(random.Random(f"home|{i}"), SHORT_TYPES[i % len(SHORT_TYPES)],
                            placement="habitual")
@@ -106,7 +100,6 @@ def test_committed_habitual_bank_states_train_statistics_that_match_the_habits()
 
 def _rank(obj: str, kind: str) -> int:
     """habit_rank for the lowercase names the game text (and so the skills) use."""
-    from sdar_envs.alfworld.catalog import CAN_CONTAIN
     cls = {o.lower(): o for objs in CAN_CONTAIN.values() for o in objs}
     rec = {r.lower(): r for r in CAN_CONTAIN}
     return habit_rank(cls[obj], rec[kind])

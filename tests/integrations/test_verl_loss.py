@@ -51,7 +51,9 @@ def rtol(backend):
     return 2e-5 if backend == "triton" else 1e-6
 
 
-def compare(p, cfg, verl_out, backend="torch", dp_size=1, batch_num_tokens=None, global_batch_size=None, **ours_kw):
+def assert_same_as_verl(p, cfg, verl_out, backend="torch", dp_size=1, batch_num_tokens=None, global_batch_size=None,
+                        **ours_kw):
+    """Asserts our fused loss, dL/dh and dL/dW equal verl's (``verl_out``) to ``rtol(backend)``."""
     agg, norm = adapter.verl_aggregation(cfg.loss_agg_mode, p.mask, dp_size, batch_num_tokens, global_batch_size,
                                          cfg.loss_scale_factor)
     lc = adapter.loss_config_from_verl(cfg)
@@ -68,7 +70,7 @@ def test_vanilla_agg_kl_entropy(agg, kl, backend):
     p = make_problem(SEED)
     kw = dict(use_kl_loss=True, kl_loss_type=kl, kl_loss_coef=0.05) if kl else {}
     cfg = actor_config(loss_agg_mode=agg, entropy_coeff=0.01, clip_ratio_low=0.2, clip_ratio_high=0.28, **kw)
-    compare(p, cfg, verl_side(p, cfg, with_ref=kl is not None), backend=backend, ref=kl is not None)
+    assert_same_as_verl(p, cfg, verl_side(p, cfg, with_ref=kl is not None), backend=backend, ref=kl is not None)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -79,7 +81,7 @@ def test_batched_inputs(agg, backend):
         pytest.importorskip("triton")
     p = fp32_rounded(make_problem(SEED + 9))
     cfg = actor_config(loss_agg_mode=agg, entropy_coeff=0.02, use_kl_loss=True, kl_loss_type="k3+", kl_loss_coef=0.1)
-    compare(p, cfg, verl_side(p, cfg, with_ref=True, with_is=True), backend=backend, ref=True, importance=True,
+    assert_same_as_verl(p, cfg, verl_side(p, cfg, with_ref=True, with_is=True), backend=backend, ref=True, importance=True,
             batched=True)
 
 
@@ -87,7 +89,7 @@ def test_batched_inputs(agg, backend):
 def test_straight_through_kl(kl):
     p = make_problem(SEED + 1)
     cfg = actor_config(loss_agg_mode="token-mean", use_kl_loss=True, kl_loss_type=kl, kl_loss_coef=0.1)
-    compare(p, cfg, verl_side(p, cfg, with_ref=True), ref=True)
+    assert_same_as_verl(p, cfg, verl_side(p, cfg, with_ref=True), ref=True)
 
 
 @pytest.mark.parametrize("agg", AGGS)
@@ -97,7 +99,7 @@ def test_dp_normalizer(agg):
     batch = dict(dp_size=4, batch_num_tokens=int(p.mask.sum()) * 4 + 3, global_batch_size=4 * 4 + 1)
     cfg = actor_config(loss_agg_mode=agg, entropy_coeff=0.003, use_kl_loss=True, kl_loss_type="mse",
                        kl_loss_coef=0.02, loss_scale_factor=40 if agg == "seq-mean-token-sum-norm" else None)
-    compare(p, cfg, verl_side(p, cfg, with_ref=True, **batch), ref=True, **batch)
+    assert_same_as_verl(p, cfg, verl_side(p, cfg, with_ref=True, **batch), ref=True, **batch)
 
 
 @pytest.mark.parametrize("clip_c", [1.5, 3.0, 10.0])
@@ -105,7 +107,7 @@ def test_dual_clip(clip_c):
     p = make_problem(SEED + 3)
     cfg = actor_config(loss_agg_mode="seq-mean-token-mean", clip_ratio=0.1, clip_ratio_low=None,
                        clip_ratio_high=None, clip_ratio_c=clip_c)
-    compare(p, cfg, verl_side(p, cfg))
+    assert_same_as_verl(p, cfg, verl_side(p, cfg))
 
 
 def test_problem_fires_every_clip():
@@ -121,14 +123,14 @@ def test_problem_fires_every_clip():
 def test_rollout_is_weights(agg):
     p = make_problem(SEED + 4)
     cfg = actor_config(loss_agg_mode=agg, entropy_coeff=0.01)
-    compare(p, cfg, verl_side(p, cfg, with_is=True), importance=True)
+    assert_same_as_verl(p, cfg, verl_side(p, cfg, with_is=True), importance=True)
 
 
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
 def test_gspo(agg):
     p = make_problem(SEED + 5)
     cfg = actor_config(loss_mode="gspo", loss_agg_mode=agg, clip_ratio_low=3e-4, clip_ratio_high=4e-4)
-    compare(p, cfg, verl_side(p, cfg, with_is=True), importance=True)
+    assert_same_as_verl(p, cfg, verl_side(p, cfg, with_is=True), importance=True)
 
 
 # -- the adapter's SDAR losses -----------------------------------------------------------------
@@ -243,6 +245,7 @@ def test_doc_snippet_runs():
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "integrations" / "verl.md").read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "assert torch.allclose(verl_loss, ours.loss" in code  # the snippet checks itself: keep it so
     torch.manual_seed(0)
     exec(compile(code, "verl.md", "exec"), {})
 
